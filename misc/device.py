@@ -1,0 +1,35 @@
+"""Device choice, made once per run and passed down (no `.cuda()` anywhere else)."""
+import contextlib
+
+import torch
+
+
+def resolve_device(name='auto'):
+    """'auto' picks cuda, then mps, then cpu; an explicit choice that is unavailable is an error."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError('--device cuda was asked for, but torch sees no CUDA device')
+    if name == 'mps' and not (getattr(torch.backends, 'mps', None) is not None
+                              and torch.backends.mps.is_available()):
+        raise RuntimeError('--device mps was asked for, but MPS is not available')
+    return torch.device(name)
+
+
+def autocast(device, enabled=False):
+    """One context object for optional mixed precision: bf16 on CPU, fp16 on CUDA; off by
+    default, since the paper's numbers are fp32."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_backends(device):
+    """Fast defaults that do not change fp32 results beyond rounding."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
