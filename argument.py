@@ -12,6 +12,7 @@ import argparse
 import os
 
 from data import DATASETS
+from misc.augment import remove_aug
 from misc.reproduce import eval_overrides, preset
 from models import MODELS
 
@@ -27,12 +28,6 @@ def str2bool(v):
     if v.lower() in ('no', 'false', 'f', 'n', '0'):
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected, got '{v}'")
-
-
-def remove_aug(strategy, remove):
-    """Drop the '_'-separated items of `remove` from the strategy string."""
-    drop = remove.split('_')
-    return '_'.join(a for a in strategy.split('_') if a not in drop)
 
 
 def ipc_epoch(ipc, factor, nclass=10, bound=-1):
