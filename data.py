@@ -294,6 +294,11 @@ def normalizer(dataset):
     return Normalize(info.mean, info.std)
 
 
+def stream_generator(seed, stream):
+    """A CPU generator for one independent random stream of a run (e.g. one per class)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + stream) % 2**62)
+
+
 class _Cycler:
     """Random batches without replacement, reshuffled when exhausted (a repeating
     SubsetRandomSampler + BatchSampler, as the original's class samplers)."""
@@ -311,10 +316,11 @@ class _Cycler:
         return out
 
     def state_dict(self):
-        return {'perm': self.perm, 'pos': self.pos}
+        return {'perm': self.perm, 'pos': self.pos, 'g': self.g.get_state()}
 
     def load_state_dict(self, s):
         self.perm, self.pos = s['perm'], s['pos']
+        self.g.set_state(s['g'])
 
 
 class ClassSampler:
@@ -324,7 +330,8 @@ class ClassSampler:
     class_sample(c, n, first=True): the first n images of class c in dataset order (init).
     sample(): a random batch over all (kept) classes, for the network updates.
     Images of an ImageSet live on the device; a StreamSet is read from disk batch by batch.
-    Index draws use a local CPU generator, so a checkpoint can restore them exactly.
+    Index draws use local CPU generators, one per class and one for sample(), so that a class
+    gets the same batches whichever process (rank) samples it, and a checkpoint restores them.
     """
 
     def __init__(self, dataset, batch_size, device, seed=0):
@@ -334,13 +341,13 @@ class ClassSampler:
         self.dataset = dataset
         self.images = None if self.stream else dataset.images.to(self.device)
         self.targets = dataset.targets.to(self.device)
-        self.g = torch.Generator().manual_seed(seed)
         labels = dataset.targets
         self.classes = sorted(set(labels.tolist()))
         self.cls_idx = {c: (labels == c).nonzero().flatten() for c in self.classes}
-        self.cls_cycler = {c: _Cycler(len(i), min(batch_size, len(i)), True, self.g)
+        self.cls_cycler = {c: _Cycler(len(i), min(batch_size, len(i)), True,
+                                      stream_generator(seed, 1 + c))
                            for c, i in self.cls_idx.items()}
-        self.all_cycler = _Cycler(len(labels), batch_size, False, self.g)
+        self.all_cycler = _Cycler(len(labels), batch_size, False, stream_generator(seed, 0))
 
     def _fetch(self, idx):
         if self.stream:
@@ -366,11 +373,10 @@ class ClassSampler:
         return self._fetch(self.all_cycler.next())
 
     def state_dict(self):
-        return {'g': self.g.get_state(), 'all': self.all_cycler.state_dict(),
+        return {'all': self.all_cycler.state_dict(),
                 'cls': {c: s.state_dict() for c, s in self.cls_cycler.items()}}
 
     def load_state_dict(self, s):
-        self.g.set_state(s['g'])
         self.all_cycler.load_state_dict(s['all'])
         for c, st in s['cls'].items():
             self.cls_cycler[int(c)].load_state_dict(st)

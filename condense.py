@@ -1,0 +1,452 @@
+"""IDC: condense a dataset by multi-formation gradient matching.
+
+    python condense.py --reproduce -d fashion -f 2 --ipc 10
+
+A storage tensor S (nclass*ipc, C, H, W) in [0, 1] is optimized so that networks trained on its
+decoded images (each stored image cut into factor x factor crops, each upsampled) see the same
+gradients as on real data. Every outer iteration draws a fresh network; every inner step matches
+each class once (one SGD step on S per class) and then trains the network on real data.
+Results, checkpoints and logs go to args.save_dir; `--resume` continues a killed run.
+"""
+import glob
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from argument import parse_args
+from data import (DATASETS, ClassSampler, decode, decode_classwise, eval_loader, load_split,
+                  stream_generator)
+from misc.augment import build_match_aug, build_net_aug
+from misc.device import autocast, resolve_device, setup_backends
+from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
+                        is_main_process, safe_load, save_img, set_seed)
+from models import get_model
+from test import RESNET10_BN, default_evaluator, evaluate_data
+from train import load_weights, train_epoch
+
+CKPT_NAME = 'checkpoint.pt'
+# Options that may differ between a run and its --resume (they do not change the result).
+RUN_CONTROL = {'resume', 'device', 'workers', 'verbose', 'print_freq', 'time', 'save_dir',
+               'data_dir', 'imagenet_dir', 'download', 'skip_checksum', 'explicit', 'derived',
+               'repeat', 'test'}
+
+
+class Synthesizer:
+    """The condensed data: storage S (n_classes*ipc, C, H, W), class-major, and its decoding.
+
+    `classes` are the (global) labels this storage holds: all classes, or one partition.
+    """
+
+    def __init__(self, classes, ipc, nch, size, factor=1, decode_type='single', device='cpu'):
+        self.classes = list(classes)
+        self.ipc, self.factor, self.decode_type = ipc, factor, decode_type
+        self.size = size
+        n = len(self.classes) * ipc
+        self.data = torch.zeros(n, nch, size, size, device=device, requires_grad=True)
+        self.targets = torch.tensor(self.classes, device=device).repeat_interleave(ipc)
+
+    def slot(self, c):
+        """Rows of S that belong to class c."""
+        i = self.classes.index(c)
+        return slice(i * self.ipc, (i + 1) * self.ipc)
+
+    @torch.no_grad()
+    def init(self, sampler, init_type):
+        """random: the first ipc real images of each class; noise: clamp(N(0,1)/4 + 0.5);
+        mix: the first factor^2*ipc real images, each shrunk into one cell of the grid."""
+        if init_type == 'noise':
+            self.data.copy_(torch.clamp(torch.randn_like(self.data) / 4 + 0.5, 0, 1))
+            return
+        for c in self.classes:
+            if init_type == 'random':
+                img, _ = sampler.class_sample(c, self.ipc, first=True)
+                self.data[self.slot(c)] = img
+            elif init_type == 'mix':
+                img, _ = sampler.class_sample(c, self.ipc * self.factor**2, first=True)
+                self.data[self.slot(c)] = mix_grid(img, self.ipc, self.factor, self.size)
+            else:
+                raise ValueError(f'unknown init {init_type}')
+
+    def decode(self, data, targets, bound=128):
+        return decode(data, targets, self.factor, self.decode_type, bound)
+
+    def sample(self, c, max_size=128, generator=None, data=None):
+        """Decoded synthetic images of class c, randomly subsampled to at most max_size.
+        `data`: decode these rows instead of S (a tensor shaped like S)."""
+        s = self.slot(c)
+        data = self.data if data is None else data
+        data, targets = self.decode(data[s], self.targets[s], bound=max_size)
+        if len(data) > max_size:
+            keep = torch.randperm(len(data), generator=generator)[:max_size].to(data.device)
+            data, targets = data[keep], targets[keep]
+        return data, targets
+
+    def decoded(self, bound=128):
+        """Every stored image decoded, class-major, detached: the training set it represents."""
+        return decode_classwise(self.data.detach(), self.targets, self.ipc, self.factor,
+                                self.decode_type, bound)
+
+
+def mix_grid(img, ipc, factor, size):
+    """Fill ipc images with a factor x factor grid of real images (img: (factor^2*ipc, C, H, W)).
+
+    Cell k of stored image i holds real image k*ipc + i, resized (nearest); when size % factor
+    != 0 the first size % factor rows/columns of cells are one pixel larger.
+    """
+    out = img.new_empty(ipc, img.shape[1], size, size)
+    s, rem = divmod(size, factor)
+    sides = [s + 1 if i < rem else s for i in range(factor)]
+    offsets = [sum(sides[:i]) for i in range(factor)]
+    k = 0
+    for i in range(factor):
+        for j in range(factor):
+            h, w = sides[i], sides[j]
+            part = F.interpolate(img[k * ipc:(k + 1) * ipc], size=(h, w))
+            out[:, :, offsets[i]:offsets[i] + h, offsets[j]:offsets[j] + w] = part
+            k += 1
+    return out
+
+
+# ---------------------------------------------------------------- matching objectives
+def dist(x, y, metric='mse'):
+    """Distance between two gradients (or features) of the same shape."""
+    if metric == 'mse':
+        return (x - y).pow(2).sum()
+    if metric == 'l1':
+        return (x - y).abs().sum()
+    if metric == 'l1_mean':
+        return (x - y).abs().reshape(x.shape[0], -1).mean(-1).sum()
+    if metric == 'l2':
+        # Listed but never implemented by the original: here, the Euclidean norm of the
+        # difference (a sqrt of mse). Its gradient at exactly zero distance is taken as zero.
+        return (x - y).pow(2).sum().clamp_min(1e-12).sqrt()
+    if metric == 'cos':
+        x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+        return torch.sum(1 - (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-6))
+    raise ValueError(f'unknown metric {metric}')
+
+
+def matched_params(model, bias=False, fc=False):
+    """Parameters whose gradients are matched: 1-D ones (bias, norm) only with --bias, 2-D ones
+    (the classifier) only with --fc."""
+    keep = []
+    for p in model.parameters():
+        if p.dim() == 1 and not bias or p.dim() == 2 and not fc:
+            continue
+        keep.append(p)
+    return keep
+
+
+def match_loss(model, img_real, img_syn, lab_real, lab_syn, args):
+    """Gradient (or feature) matching loss between a real and a synthetic batch of one class."""
+    if args.match == 'feat':
+        with torch.no_grad():
+            feat_real = model.get_feature(img_real, args.idx_from, args.idx_to)
+        feat_syn = model.get_feature(img_syn, args.idx_from, args.idx_to)
+        return sum(dist(r.mean(0), s.mean(0), 'mse') for r, s in zip(feat_real, feat_syn))
+
+    params = matched_params(model, args.bias, args.fc)
+    if not params:
+        raise UserError('no parameter is matched: the network has no conv weights; '
+                        'add --fc True or --bias True')
+    loss_real = F.cross_entropy(model(img_real), lab_real)
+    g_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
+    loss_syn = F.cross_entropy(model(img_syn), lab_syn)
+    g_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
+    return sum(dist(gr, gs, args.metric) for gr, gs in zip(g_real, g_syn))
+
+
+# ---------------------------------------------------------------- one outer iteration
+def new_network(args, nclass, device, sampler, aug_net):
+    """A fresh network for the next `fix_iter` outer iterations, as --pt_from/--early say."""
+    model = get_model(args.net_type, nclass, args.nch, args.size, args.depth, args.width,
+                      args.norm_type, args.dataset).to(device)
+    model.train()
+    optim_net = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    if args.pt_from >= 0:
+        load_weights(model, pretrained_path(args))
+    for _ in range(args.early):
+        n_batches = math.ceil(len(sampler.targets) / args.batch_real)
+        train_epoch(model, (sampler.sample() for _ in range(n_batches)), optim_net, aug=aug_net,
+                    mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p)
+    return model, optim_net
+
+
+def pretrained_folders(args):
+    return sorted(glob.glob(f'./pretrained/{args.datatag}/{args.modeltag}_cut*'))
+
+
+def pretrained_path(args):
+    """A random pretrained run folder and a random epoch in pt_from..pt_from+pt_num-1."""
+    folders = pretrained_folders(args)
+    folder = folders[np.random.randint(len(folders))]
+    epoch = args.pt_from + (np.random.randint(args.pt_num) if args.pt_num > 1 else 0)
+    return os.path.join(folder, f'checkpoint{epoch}.pth.tar')
+
+
+def check_pretrained(args):
+    """Fail before any work when --pt_from names networks that are not there."""
+    if args.pt_from < 0:
+        return
+    folders = pretrained_folders(args)
+    if not folders:
+        raise UserError(f'--pt_from {args.pt_from}: no pretrained networks in '
+                        f'./pretrained/{args.datatag}/{args.modeltag}_cut*; train them with '
+                        f'train.py --save_ckpt True and move the run folder there')
+    for folder in folders:
+        for e in range(args.pt_from, args.pt_from + args.pt_num):
+            path = os.path.join(folder, f'checkpoint{e}.pth.tar')
+            if not os.path.isfile(path):
+                raise UserError(f'--pt_from/--pt_num: {path} is missing')
+    # One load tells whether the architecture fits (load_weights names what does not).
+    model, _ = new_network_shell(args, torch.device('cpu'))
+    load_weights(model, os.path.join(folders[0], f'checkpoint{args.pt_from}.pth.tar'))
+
+
+def class_inputs(args, synset, sampler, c, aug_match, gen, data=None):
+    """The random draws of class c's matching: a real batch, the decoded synthetic images
+    (subsampled to batch_syn_max) and ONE augmentation draw shared by both (normalization
+    first). `gen` is class c's own generator; `data` is the storage to decode (default S)."""
+    img_real, lab_real = sampler.class_sample(c)
+    img_syn, lab_syn = synset.sample(c, args.batch_syn_max, generator=gen, data=data)
+    n = len(img_real)
+    img_aug = aug_match(torch.cat([img_real, img_syn]), generator=gen)
+    return img_aug[:n], img_aug[n:], lab_real, lab_syn
+
+
+def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx):
+    """Step 1 of an inner iteration, as the paper states it: for each class in order, one
+    matching loss and one SGD step on the whole of S (its single momentum buffer moves every
+    class). Returns the summed loss."""
+    total = 0.0
+    for c in synset.classes:
+        inputs = class_inputs(args, synset, sampler, c, aug_match, gens[c])
+        with ctx:
+            loss = match_loss(model, *inputs, args)
+        # Only S needs a gradient: autograd.grad skips the second-order gradients of the network
+        # parameters that loss.backward() would also accumulate (and the next zero_grad drop).
+        (grad, ) = torch.autograd.grad(loss, synset.data)
+        synset.data.grad = grad
+        optim_img.step()
+        total += loss.item()
+    return total
+
+
+def net_step(args, sampler, model, optim_net, aug_net, ctx):
+    """Step 2 of an inner iteration: train the network on n_data real images, net_epoch times."""
+    for _ in range(args.net_epoch):
+        train_epoch(model, iter(sampler.sample, None), optim_net, aug=aug_net,
+                    mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p, n_data=args.n_data,
+                    ctx=ctx)
+
+
+# ---------------------------------------------------------------- checkpoints
+def rng_state():
+    """Every global RNG state, in types that torch.load(weights_only=True) reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def config_of(args):
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
+
+
+def load_checkpoint(path, args):
+    ckpt = safe_load_ckpt(path)
+    theirs, ours = ckpt.get('config', {}), config_of(args)
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
+        shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {ours.get(k)!r}' for k in diff[:5])
+        raise UserError(f'{path} belongs to a different configuration ({shown}); resume with '
+                        f'the same options, or choose another --save_dir')
+    return ckpt
+
+
+def safe_load_ckpt(path):
+    ckpt = safe_load(path, what='condensation checkpoint')
+    if not isinstance(ckpt, dict) or 'data' not in ckpt or 'it' not in ckpt:
+        raise UserError(f'{path} is not a condensation checkpoint written by condense.py')
+    return ckpt
+
+
+# ---------------------------------------------------------------- the run
+def my_classes(args):
+    """The classes this run condenses: all, or partition --phase of --nclass_sub classes."""
+    if args.nclass_sub > 0:
+        return list(range(args.nclass_sub * args.phase, args.nclass_sub * (args.phase + 1)))
+    return list(range(args.nclass))
+
+
+def condense(args, logger, device, train_set, val_set, ckpt=None):
+    """Optimize the condensed data; returns the Synthesizer. `ckpt`: a checkpoint to resume."""
+    info = DATASETS[args.dataset]
+    classes = my_classes(args)
+    sampler = ClassSampler(train_set, args.batch_real, device, seed=args.seed)
+    ctx = autocast(device, args.amp)
+    aug_match = build_match_aug(args.aug_type, info.mean, info.std)
+    aug_net = build_net_aug(args.aug_type, info.mean, info.std, args.mixup_net)
+
+    synset = Synthesizer(classes, args.ipc, args.nch, args.size, args.factor, args.decode_type,
+                         device)
+    # One random stream per class for the matching draws (subsampling and augmentation), so a
+    # class gets the same draws whichever process condenses it.
+    gens = {c: stream_generator(args.seed, 10_000 + c) for c in classes}
+    optim_img = torch.optim.SGD([synset.data], lr=args.lr_img, momentum=args.mom_img)
+    n_iter = args.niter * 100 // args.inner_loop
+    it_log = max(1, n_iter // 50)
+    it_save = {n_iter // 10, n_iter // 5, n_iter // 2, n_iter}
+    val_loader = eval_loader(val_set, args.dataset, device, workers=args.workers) \
+        if val_set is not None else None
+    ckpt_path = os.path.join(args.save_dir, CKPT_NAME)
+
+    start, model, optim_net = 0, None, None
+    if ckpt is not None:
+        with torch.no_grad():
+            synset.data.copy_(ckpt['data'].to(device))
+        optim_img.load_state_dict(ckpt['optim_img'])
+        sampler.load_state_dict(ckpt['sampler'])
+        for c, state in ckpt['gens'].items():
+            gens[int(c)].set_state(state)
+        set_rng_state(ckpt['rng'])
+        start = ckpt['it']
+        if ckpt.get('model') is not None:
+            model, optim_net = new_network_shell(args, device)
+            model.load_state_dict(ckpt['model'])
+            optim_net.load_state_dict(ckpt['optim_net'])
+        logger(f'Resumed from {ckpt_path} at outer iteration {start}/{n_iter}')
+    else:
+        if args.resume:
+            logger(f'--resume: no checkpoint in {args.save_dir} yet, starting afresh')
+        synset.init(sampler, args.init)
+        save_img(os.path.join(args.save_dir, 'init.png'), synset.data)
+        sample, _ = synset.sample(synset.classes[0], max_size=args.batch_syn_max)
+        save_img(os.path.join(args.save_dir, 'aug.png'), aug_match(sample),
+                 unnormalize=(info.mean, info.std))
+        if val_loader is not None:
+            evaluate(args, synset, val_loader, device, logger, it=0, bench=False)
+
+    logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
+           f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations')
+    bar = tqdm(total=n_iter * args.inner_loop, initial=start * args.inner_loop, unit='step',
+               disable=not is_main_process(), dynamic_ncols=True, file=sys.stdout)
+    for it in range(start, n_iter):
+        if it % max(1, args.fix_iter) == 0 or model is None:
+            model, optim_net = new_network(args, args.nclass, device, sampler, aug_net)
+        with torch.no_grad():
+            synset.data.clamp_(0, 1)
+        loss_total, t0 = 0.0, time.time()
+        for _ in range(args.inner_loop):
+            loss_total += match_step(args, synset, sampler, model, optim_img, aug_match, gens,
+                                     ctx)
+            if args.n_data > 0:
+                net_step(args, sampler, model, optim_net, aug_net, ctx)
+            bar.update(1)
+            bar.set_postfix(it=it, loss=f'{loss_total:.1f}')
+        loss = loss_total / len(classes) / args.inner_loop
+        step_s = (time.time() - t0) / args.inner_loop
+        if it % it_log == 0:
+            logger(f'(Iter {it:3d}) loss: {loss:.4f}  ({step_s:.2f} s/inner step)')
+            logger.json({'event': 'loss', 'iter': it, 'loss': loss, 'step_s': step_s})
+        if it + 1 in it_save:
+            save_img(os.path.join(args.save_dir, f'img{it + 1}.png'), synset.data)
+            atomic_save([synset.data.detach().cpu(), synset.targets.cpu()],
+                        os.path.join(args.save_dir, 'data.pt'))
+            logger(f'Saved data.pt and img{it + 1}.png at iteration {it + 1}')
+            if val_loader is not None:
+                evaluate(args, synset, val_loader, device, logger, it=it + 1, bench=True)
+        keep_net = args.fix_iter > 1 and (it + 1) % args.fix_iter != 0
+        atomic_save({'data': synset.data.detach().cpu(), 'optim_img': optim_img.state_dict(),
+                     'sampler': sampler.state_dict(), 'rng': rng_state(), 'it': it + 1,
+                     'gens': {c: g.get_state() for c, g in gens.items()},
+                     'config': config_of(args),
+                     'model': model.state_dict() if keep_net else None,
+                     'optim_net': optim_net.state_dict() if keep_net else None}, ckpt_path)
+    bar.close()
+    return synset
+
+
+def new_network_shell(args, device):
+    """A network and optimizer to load a checkpointed state into (no pretraining)."""
+    model = get_model(args.net_type, args.nclass, args.nch, args.size, args.depth, args.width,
+                      args.norm_type, args.dataset).to(device)
+    model.train()
+    optim_net = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return model, optim_net
+
+
+def evaluate(args, synset, val_loader, device, logger, it, bench):
+    """Train evaluators on the decoded data; the RNG streams of the condensation stay as they
+    were, so evaluating (or not, with --test) does not change the condensed data."""
+    images, targets = synset.decoded(bound=args.batch_syn_max)
+    evaluators = [default_evaluator(args)]
+    if bench and args.dataset not in ('mnist', 'fashion'):
+        evaluators.append(RESNET10_BN)
+    state = rng_state()
+    result = evaluate_data(args, images, targets, val_loader, device, logger,
+                           evaluators=evaluators, tag=f'iter {it}')
+    set_rng_state(state)
+    logger.json({'event': 'eval', 'iter': it, 'result': result})
+    return result
+
+
+def main(args):
+    device = resolve_device(args.device)
+    setup_backends(device)
+    set_seed(args.seed)
+    # Check what can be checked before anything is written.
+    if args.niter * 100 // args.inner_loop < 1:
+        raise UserError(f'--niter {args.niter} with --inner_loop {args.inner_loop} gives no '
+                        f'outer iteration (niter*100 // inner_loop must be at least 1)')
+    check_pretrained(args)
+    train_set = load_split(args, train=True)
+    partition = my_classes(args) if args.nclass_sub > 0 else None
+    val_set = None if args.test else load_split(args, train=False, classes=partition)
+    ckpt_path = os.path.join(args.save_dir, CKPT_NAME)
+    ckpt = load_checkpoint(ckpt_path, args) if args.resume and os.path.isfile(ckpt_path) \
+        else None
+
+    os.makedirs(args.save_dir, exist_ok=True)
+    logger = Logger(args.save_dir, enabled=is_main_process())
+    logger(f'Save dir: {args.save_dir} (device {device}, rank {get_rank()})')
+    for line in args.derived:
+        logger(f'  derived: {line}')
+    atomic_write_json(os.path.join(args.save_dir, 'args.json'), vars(args))
+    synset = condense(args, logger, device, train_set, val_set, ckpt)
+    logger(f'Done: {os.path.join(args.save_dir, "data.pt")}')
+    return synset
+
+
+def run_cli(argv=None):
+    args = parse_args(argv, mode='condense')
+    try:
+        main(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    run_cli()

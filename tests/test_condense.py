@@ -1,0 +1,282 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import condense
+from argument import parse_args
+from conftest import ROOT
+from condense import Synthesizer, dist, match_loss, mix_grid
+from data import decode_zoom
+from misc.utils import safe_load
+
+
+class ConstSampler:
+    """class_sample(c, n, first=True) -> n images whose pixels all equal 100*c + index."""
+
+    def __init__(self, nch, size):
+        self.nch, self.size = nch, size
+
+    def class_sample(self, c, n=None, first=False):
+        vals = torch.arange(n, dtype=torch.float) + 100 * c
+        return vals.view(n, 1, 1, 1).expand(n, self.nch, self.size, self.size).clone(), None
+
+
+@pytest.mark.parametrize('size, factor', [(8, 1), (8, 2), (7, 2), (7, 3), (28, 3), (32, 3)])
+def test_mix_init_places_each_real_image_in_its_cell(size, factor):
+    ipc = 2
+    syn = Synthesizer([0, 1], ipc, 1, size, factor)
+    syn.init(ConstSampler(1, size), 'mix' if factor > 1 else 'random')
+    s, rem = divmod(size, factor)
+    sides = [s + 1 if i < rem else s for i in range(factor)]
+    edges = np.cumsum([0] + sides)
+    for c in (0, 1):
+        for i in range(ipc):
+            img = syn.data[c * ipc + i, 0]
+            k = 0
+            for r in range(factor):
+                for q in range(factor):
+                    cell = img[edges[r]:edges[r + 1], edges[q]:edges[q + 1]]
+                    assert (cell == 100 * c + k * ipc + i).all()
+                    k += 1
+    assert syn.targets.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize('size, factor', [(8, 2), (7, 2), (7, 3), (28, 3)])
+def test_decode_of_mixed_storage(size, factor):
+    syn = Synthesizer([0, 1, 2], 2, 1, size, factor)
+    syn.init(ConstSampler(1, size), 'mix')
+    x, y = syn.decoded()
+    assert x.shape == (3 * 2 * factor**2, 1, size, size)
+    assert y.tolist() == sum([[c] * 2 * factor**2 for c in range(3)], [])
+    if size % factor == 0:
+        # each decoded crop is exactly one real image of the grid, upsampled
+        vals = x.flatten(1)
+        assert torch.allclose(vals.min(1).values, vals.max(1).values)
+        # class 1, first crop of its first stored image holds real image 0 of class 1
+        assert x[2 * factor**2, 0, 0, 0] == 100
+    s, t = syn.sample(1, max_size=3)
+    assert len(s) == 3 and (t == 1).all()
+
+
+def test_noise_init_range():
+    syn = Synthesizer([0], 5, 3, 8)
+    syn.init(None, 'noise')
+    assert 0 <= syn.data.min() and syn.data.max() <= 1 and syn.data.std() > 0.1
+
+
+class TinyNet(nn.Module):
+    """logits_k = w_k * mean(x) + b_k: its CE gradient has a closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)  # weight (2, 1, 1, 1): matched
+        self.fc = nn.Linear(2, 2)  # 2-D: matched only with --fc
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([0.5, -0.3]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(torch.eye(2))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def hand_grad(x, y, w):
+    """d CE / d w for logits = w * mean(x) (fc = identity): mean over the batch of
+    (softmax - onehot) * mean(x)."""
+    m = x.mean((1, 2, 3)).double()
+    logits = m[:, None] * torch.tensor(w, dtype=torch.double)[None]
+    p = torch.softmax(logits, 1)
+    p[torch.arange(len(y)), y] -= 1
+    return (p * m[:, None]).mean(0)
+
+
+@pytest.mark.parametrize('metric', ['mse', 'l1', 'l1_mean', 'cos', 'l2'])
+def test_match_loss_equals_hand_computed(metric):
+    torch.manual_seed(0)
+    xr, xs = torch.rand(6, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    yr, ys = torch.zeros(6, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    args = SimpleNamespace(match='grad', metric=metric, bias=False, fc=False)
+    loss = match_loss(TinyNet(), xr, xs, yr, ys, args)
+    gr, gs = hand_grad(xr, yr, [0.5, -0.3]), hand_grad(xs, ys, [0.5, -0.3])
+    d = gr - gs
+    expected = {
+        'mse': (d**2).sum(),
+        'l1': d.abs().sum(),
+        'l1_mean': d.abs().sum(),  # rows of the (2,1,1,1) weight hold one element each
+        'cos': (1 - gr * gs / (gr.abs() * gs.abs() + 1e-6)).sum(),
+        'l2': (d**2).sum().sqrt(),
+    }[metric]
+    # cos: 1 - (a value near 1) cancels in float32, hence the absolute tolerance
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6 if metric == 'cos'
+                                        else 1e-9)
+
+
+def test_match_loss_fc_and_bias_add_terms():
+    torch.manual_seed(0)
+    xr, xs = torch.rand(4, 1, 4, 4), torch.rand(4, 1, 4, 4)
+    y = torch.tensor([0, 1, 0, 1])
+    base = SimpleNamespace(match='grad', metric='mse', bias=False, fc=False)
+    with_fc = SimpleNamespace(match='grad', metric='mse', bias=False, fc=True)
+    l0 = match_loss(TinyNet(), xr, xs, y, y, base)
+    l1 = match_loss(TinyNet(), xr, xs, y, y, with_fc)
+    assert l1 > l0 > 0
+
+
+def test_dist_values():
+    x, y = torch.tensor([[3., 0.], [0., 1.]]), torch.tensor([[0., 4.], [0., 1.]])
+    assert dist(x, y, 'mse') == 25 and dist(x, y, 'l1') == 7
+    assert dist(x, y, 'l1_mean') == pytest.approx(3.5)
+    assert dist(x, y, 'cos').item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mix_grid_uses_nearest_resize():
+    img = torch.arange(4 * 4, dtype=torch.float).view(1, 1, 4, 4).repeat(4, 1, 1, 1)
+    out = mix_grid(img, 1, 2, 4)
+    assert torch.equal(out[0, 0, :2, :2], img[0, 0, ::2, ::2])
+
+
+# ---------------------------------------------------------------- end to end on fake data
+def cli(fake_fashion, save_dir, *extra):
+    return ['-d', 'fashion', '--data_dir', fake_fashion, '--ipc', '2', '-f', '2', '--niter', '1',
+            '--inner_loop', '10', '--width', '0.125', '--n_data', '16', '--batch_real', '8',
+            '--device', 'cpu', '--save_dir', str(save_dir), '--seed', '3', *extra]
+
+
+def run(argv, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / 'condense.py'), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_end_to_end_then_test_py_evaluates(fake_fashion, tmp_path):
+    out = tmp_path / 'run'
+    args = parse_args(cli(fake_fashion, out, '--epochs', '3'), mode='condense')
+    condense.main(args)
+    data, targets = safe_load(out / 'data.pt')
+    assert data.shape == (20, 1, 28, 28) and targets.tolist() == sorted([*range(10)] * 2)
+    for name in ('init.png', 'aug.png', 'img10.png', 'img5.png', 'args.json', 'log.txt',
+                 'metrics.jsonl', 'checkpoint.pt'):
+        assert (out / name).is_file(), name
+    events = [json.loads(ln) for ln in open(out / 'metrics.jsonl')]
+    assert {'loss', 'eval'} <= {e['event'] for e in events}
+    losses = [e['loss'] for e in events if e['event'] == 'loss']
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    # test.py reads what condense.py wrote
+    from test import main as test_main
+    targs = parse_args(['-d', 'fashion', '--data_dir', fake_fashion, '--ipc', '2', '-f', '2',
+                        '--data_path', str(out / 'data.pt'), '--epochs', '2', '--width', '0.125',
+                        '--device', 'cpu', '--save_dir', str(tmp_path / 'eval')], mode='test')
+    test_main(targs)
+    summary = json.load(open(tmp_path / 'eval' / 'summary.json'))
+    assert summary['ipc'] == 2 and summary['factor'] == 2
+
+
+def test_short_runs_and_test_flag_write_data(fake_fashion, tmp_path):
+    out = tmp_path / 'one'
+    argv = cli(fake_fashion, out, '--test')
+    argv[argv.index('--inner_loop') + 1] = '100'  # n_iter = 1
+    condense.main(parse_args(argv, mode='condense'))
+    data, _ = safe_load(out / 'data.pt')
+    assert data.shape == (20, 1, 28, 28)
+    assert not any(json.loads(ln)['event'] == 'eval' for ln in open(out / 'metrics.jsonl'))
+
+
+def test_sigkill_then_resume_matches_uninterrupted(fake_fashion, tmp_path):
+    ref, cut = tmp_path / 'ref', tmp_path / 'cut'
+    r = run(cli(fake_fashion, ref, '--test'))
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([sys.executable, str(ROOT / 'condense.py'),
+                          *cli(fake_fashion, cut, '--test')], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = cut / 'checkpoint.pt'
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ckpt.is_file() and safe_load(ckpt)['it'] >= 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert safe_load(ckpt)['it'] < 10, 'the run finished before it could be killed'
+    r = run(cli(fake_fashion, cut, '--test', '--resume'))
+    assert r.returncode == 0, r.stderr
+    assert 'Resumed from' in r.stdout
+    a, b = safe_load(ref / 'data.pt'), safe_load(cut / 'data.pt')
+    assert torch.equal(a[1], b[1])
+    assert torch.allclose(a[0], b[0], atol=1e-6)
+
+
+def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):
+    out = tmp_path / 'fresh'
+    argv = cli(fake_fashion, out, '--test', '--resume')
+    argv[argv.index('--inner_loop') + 1] = '100'
+    r = run(argv)
+    assert r.returncode == 0, r.stderr
+    assert 'starting afresh' in r.stdout
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--ipc', '0'], '--ipc must be at least 1'),
+    (['-f', '0'], '--factor must be at least 1'),
+    (['-f', '30'], 'larger than the image side'),
+    (['--niter', '0'], '--niter must be at least 1'),
+    (['--inner_loop', '0'], '--inner_loop must be at least 1'),
+    (['--batch_syn_max', '0'], '--batch_syn_max must be at least 1'),
+    (['--inner_loop', '1000'], 'gives no outer iteration'),
+    (['--pt_from', '2'], 'no pretrained networks'),
+])
+def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, message):
+    out = tmp_path / 'bad'
+    r = run(cli(fake_fashion, out) + extra)
+    assert r.returncode == 2
+    assert message in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_resume_with_other_configuration_is_refused(fake_fashion, tmp_path):
+    out = tmp_path / 'conf'
+    argv = cli(fake_fashion, out, '--test')
+    argv[argv.index('--inner_loop') + 1] = '100'
+    assert run(argv).returncode == 0
+    before = (out / 'args.json').read_text()
+    r = run(argv + ['--resume', '--lr_img', '0.5'])
+    assert r.returncode == 2 and 'different configuration' in r.stderr
+    assert (out / 'args.json').read_text() == before
+
+
+def test_missing_dataset_exits_2(tmp_path):
+    out = tmp_path / 'nodata'
+    r = run(cli(str(tmp_path / 'none'), out))
+    assert r.returncode == 2 and 'FashionMNIST not found' in r.stderr
+    assert not out.exists()
+
+
+def test_pretrained_networks_are_loaded(fake_fashion, tmp_path, monkeypatch):
+    # a train.py-style checkpoint with the original's key layout ('state_dict', 'module.')
+    from models import get_model
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / 'pretrained' / 'fashion' / 'conv3in_w0.125_cut_seed0'
+    folder.mkdir(parents=True)
+    net = get_model('convnet', 10, 1, 28, 3, 0.125)
+    torch.save({'state_dict': {f'module.{k}': v for k, v in net.state_dict().items()}},
+               folder / 'checkpoint4.pth.tar')
+    out = tmp_path / 'pt'
+    argv = cli(fake_fashion, out, '--test', '--pt_from', '4')
+    argv[argv.index('--inner_loop') + 1] = '100'
+    condense.main(parse_args(argv, mode='condense'))
+    assert (out / 'data.pt').is_file()
+    # a checkpoint of another architecture is refused clearly
+    wrong = get_model('convnet', 10, 1, 28, 2, 0.125)
+    torch.save(wrong.state_dict(), folder / 'checkpoint4.pth.tar')
+    r = subprocess.run([sys.executable, str(ROOT / 'condense.py'),
+                        *cli(fake_fashion, tmp_path / 'pt2', '--test', '--pt_from', '4')],
+                       cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 2 and 'checkpoint4.pth.tar' in r.stderr
