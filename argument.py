@@ -130,6 +130,12 @@ def get_parser():
     a('--lr_img', type=float, default=5e-3)
     a('--mom_img', type=float, default=0.5)
     a('--reproduce', action='store_true', help="the paper's settings for this dataset")
+    a('--match_impl', default='fast', choices=['fast', 'loop'],
+      help='fast: per-class gradients, then the per-class SGD steps in closed form (the same '
+      'math); loop: the original per-class loop with loss.backward()')
+    a('--compile', action='store_true',
+      help='torch.compile the matching computation (slow first iteration, faster after)')
+    a('--channels_last', action='store_true', help='channels_last memory format for networks')
     # Test
     a('-s', '--slct_type', default='idc', choices=['idc', 'dsa', 'kip', 'random', 'herding'])
     a('--repeat', default=1, type=int)

@@ -77,12 +77,12 @@ class Synthesizer:
     def decode(self, data, targets, bound=128):
         return decode(data, targets, self.factor, self.decode_type, bound)
 
-    def sample(self, c, max_size=128, generator=None, data=None):
+    def sample(self, c, max_size=128, generator=None, rows=None):
         """Decoded synthetic images of class c, randomly subsampled to at most max_size.
-        `data`: decode these rows instead of S (a tensor shaped like S)."""
+        `rows`: decode these stored images of class c instead of its rows of S."""
         s = self.slot(c)
-        data = self.data if data is None else data
-        data, targets = self.decode(data[s], self.targets[s], bound=max_size)
+        rows = self.data[s] if rows is None else rows
+        data, targets = self.decode(rows, self.targets[s], bound=max_size)
         if len(data) > max_size:
             keep = torch.randperm(len(data), generator=generator)[:max_size].to(data.device)
             data, targets = data[keep], targets[keep]
@@ -211,33 +211,158 @@ def check_pretrained(args):
     load_weights(model, os.path.join(folders[0], f'checkpoint{args.pt_from}.pth.tar'))
 
 
-def class_inputs(args, synset, sampler, c, aug_match, gen, data=None):
+def class_inputs(args, synset, sampler, c, aug_match, gen, rows=None):
     """The random draws of class c's matching: a real batch, the decoded synthetic images
     (subsampled to batch_syn_max) and ONE augmentation draw shared by both (normalization
-    first). `gen` is class c's own generator; `data` is the storage to decode (default S)."""
+    first). `gen` is class c's own generator; `rows`: class c's stored images (default: its
+    rows of S). Returns (real, syn, real labels, syn labels), syn differentiable w.r.t. rows."""
     img_real, lab_real = sampler.class_sample(c)
-    img_syn, lab_syn = synset.sample(c, args.batch_syn_max, generator=gen, data=data)
+    img_syn, lab_syn = synset.sample(c, args.batch_syn_max, generator=gen, rows=rows)
     n = len(img_real)
     img_aug = aug_match(torch.cat([img_real, img_syn]), generator=gen)
     return img_aug[:n], img_aug[n:], lab_real, lab_syn
 
 
-def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx):
-    """Step 1 of an inner iteration, as the paper states it: for each class in order, one
-    matching loss and one SGD step on the whole of S (its single momentum buffer moves every
-    class). Returns the summed loss."""
+def match_step_loop(args, synset, sampler, model, optim_img, aug_match, gens, ctx):
+    """Step 1 of an inner iteration literally as the original computes it: for each class in
+    order, the matching loss, loss.backward() and one SGD step on the whole of S (its single
+    momentum buffer moves every class). The reference for the faster match_step."""
     total = 0.0
     for c in synset.classes:
         inputs = class_inputs(args, synset, sampler, c, aug_match, gens[c])
         with ctx:
             loss = match_loss(model, *inputs, args)
-        # Only S needs a gradient: autograd.grad skips the second-order gradients of the network
-        # parameters that loss.backward() would also accumulate (and the next zero_grad drop).
-        (grad, ) = torch.autograd.grad(loss, synset.data)
-        synset.data.grad = grad
+        optim_img.zero_grad()
+        loss.backward()
         optim_img.step()
         total += loss.item()
     return total
+
+
+def geometric(m, k):
+    """m + m^2 + ... + m^k, elementwise over the tensor k."""
+    if m == 1:
+        return k.to(torch.float)
+    return m * (1 - m**k) / (1 - m)
+
+
+def momentum_closed_form(p, buf, grad, pos, nsteps, lr, m):
+    """The per-class SGD steps of one inner iteration in closed form.
+
+    Row block k (pos = k) is matched at step k of nsteps: first k steps without gradient move it
+    by -lr*buf*(m + ... + m^k) and leave buf*m^k; its own step does buf = m*buf + g,
+    p -= lr*buf; the nsteps-1-k steps after it move it without gradient again. Returns
+    (p, buf) after all nsteps, from p and buf before the first. pos: (N,) position of each
+    row's class; grad: each row's gradient at its own step.
+    """
+    shape = (-1, ) + (1, ) * (p.dim() - 1)
+    pre = pos.to(p.dtype).view(shape)
+    post = (nsteps - 1 - pos).to(p.dtype).view(shape)
+    p = p - lr * buf * geometric(m, pre)
+    buf = m * buf * m**pre + grad
+    p = p - lr * buf
+    return p - lr * buf * geometric(m, post), buf * m**post
+
+
+def matched_position(args, synset, optim_img):
+    """S as each class sees it when its turn comes in the per-class loop, and the data the
+    closed form needs: (S_seen, buf, pos, lr, m)."""
+    group = optim_img.param_groups[0]
+    if group['weight_decay'] or group['dampening'] or group['nesterov']:
+        raise ValueError('the closed form covers plain SGD with momentum only')
+    lr, m = group['lr'], group['momentum']
+    S = synset.data
+    buf = optim_img.state[S].get('momentum_buffer')
+    buf = torch.zeros_like(S) if buf is None else buf
+    pos = torch.arange(len(synset.classes), device=S.device).repeat_interleave(synset.ipc)
+    with torch.no_grad():
+        seen = S - lr * buf * geometric(m, pos.to(S.dtype)).view(-1, 1, 1, 1)
+    return seen, buf, pos, lr, m
+
+
+class GradMatcher:
+    """The matching loss of one class and its gradient w.r.t. the synthetic batch.
+
+    Eager: autograd, asking only for the gradient of the synthetic batch (no second-order
+    gradients of the network parameters). compile=True: the same computation written with
+    torch.func and compiled by torch.compile, which fuses the element-wise work of the double
+    backward (grad matching on networks without buffers only).
+    """
+
+    def __init__(self, model, args, compile=False):
+        self.model, self.args = model, args
+        self.fn = None
+        if compile and args.match == 'grad' and not list(model.buffers()):
+            self.fn = compiled_class_match(model, args)
+
+    def __call__(self, img_real, img_syn, lab_real, lab_syn):
+        if self.fn is not None:
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+            return self.fn(params, img_real, lab_real, img_syn.detach(), lab_syn)
+        img_syn = img_syn.detach().requires_grad_()
+        loss = match_loss(self.model, img_real, img_syn, lab_real, lab_syn, self.args)
+        (grad, ) = torch.autograd.grad(loss, img_syn)
+        return loss.detach(), grad
+
+
+_COMPILED = {}
+
+
+def compiled_class_match(model, args):
+    """torch.compile'd (params, real, real labels, syn, syn labels) -> (loss, d loss / d syn)."""
+    from torch.func import functional_call, grad, grad_and_value
+    keep = {id(p) for p in matched_params(model, args.bias, args.fc)}
+    names = [n for n, p in model.named_parameters() if id(p) in keep]
+    metric = args.metric
+
+    def fn(params, img_real, lab_real, img_syn, lab_syn):
+        rest = {n: p for n, p in params.items() if n not in names}
+
+        def ce(matched, x, y):
+            return F.cross_entropy(functional_call(model, {**rest, **matched}, (x, )), y)
+
+        matched = {n: params[n] for n in names}
+        g_real = grad(ce)(matched, img_real, lab_real)
+
+        def syn_loss(x):
+            g_syn = grad(ce)(matched, x, lab_syn)
+            return sum(dist(g_real[n], g_syn[n], metric) for n in names)
+
+        g, loss = grad_and_value(syn_loss)(img_syn)
+        return loss, g
+
+    key = (type(model), metric, tuple(names))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False)
+    return _COMPILED[key]
+
+
+def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx, matcher=None):
+    """Step 1 of an inner iteration, computing what match_step_loop computes.
+
+    Class c's loss depends on its own rows of S only, and those rows, when c's turn comes, have
+    been moved by momentum alone: so every class is matched at its known position, gradients
+    are taken class by class without a step in between, and the per-class steps are applied
+    together in closed form (momentum_closed_form). No host synchronisation per class.
+    """
+    matcher = matcher or GradMatcher(model, args)
+    seen, buf, pos, lr, m = matched_position(args, synset, optim_img)
+    grad = torch.zeros_like(seen)
+    total = torch.zeros((), device=seen.device)
+    for c in synset.classes:
+        rows = seen[synset.slot(c)].requires_grad_()
+        img_real, img_syn, lab_real, lab_syn = class_inputs(args, synset, sampler, c, aug_match,
+                                                            gens[c], rows=rows)
+        with ctx:
+            loss, g_syn = matcher(img_real, img_syn, lab_real, lab_syn)
+        (grad[synset.slot(c)], ) = torch.autograd.grad(img_syn, rows, g_syn.to(img_syn.dtype))
+        total += loss.float()
+    with torch.no_grad():
+        p, new_buf = momentum_closed_form(synset.data, buf, grad, pos, len(synset.classes), lr,
+                                          m)
+        synset.data.copy_(p)
+    optim_img.state[synset.data]['momentum_buffer'] = new_buf
+    return total.item()
 
 
 def net_step(args, sampler, model, optim_net, aug_net, ctx):
@@ -335,6 +460,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
             model, optim_net = new_network_shell(args, device)
             model.load_state_dict(ckpt['model'])
             optim_net.load_state_dict(ckpt['optim_net'])
+            matcher = GradMatcher(model, args, compile=args.compile)
         logger(f'Resumed from {ckpt_path} at outer iteration {start}/{n_iter}')
     else:
         if args.resume:
@@ -354,12 +480,17 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
     for it in range(start, n_iter):
         if it % max(1, args.fix_iter) == 0 or model is None:
             model, optim_net = new_network(args, args.nclass, device, sampler, aug_net)
+            matcher = GradMatcher(model, args, compile=args.compile)
         with torch.no_grad():
             synset.data.clamp_(0, 1)
         loss_total, t0 = 0.0, time.time()
         for _ in range(args.inner_loop):
-            loss_total += match_step(args, synset, sampler, model, optim_img, aug_match, gens,
-                                     ctx)
+            if args.match_impl == 'loop':
+                loss_total += match_step_loop(args, synset, sampler, model, optim_img,
+                                              aug_match, gens, ctx)
+            else:
+                loss_total += match_step(args, synset, sampler, model, optim_img, aug_match,
+                                         gens, ctx, matcher)
             if args.n_data > 0:
                 net_step(args, sampler, model, optim_net, aug_net, ctx)
             bar.update(1)

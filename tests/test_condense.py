@@ -280,3 +280,69 @@ def test_pretrained_networks_are_loaded(fake_fashion, tmp_path, monkeypatch):
                        cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert r.returncode == 2 and 'checkpoint4.pth.tar' in r.stderr
+
+
+# ---------------------------------------------------------------- fast path = the original's math
+def _state(fake_fashion, ipc, factor, seed=0, **kw):
+    import copy
+    from data import ClassSampler, DATASETS, load_split, stream_generator
+    from misc.augment import build_match_aug
+    from models import get_model
+    line = (f'-d fashion --data_dir {fake_fashion} --ipc {ipc} -f {factor} --device cpu '
+            f'--batch_real 8 --width 0.125 --seed {seed}')
+    for k, v in kw.items():
+        line += f' --{k} {v}'
+    args = parse_args(line.split(), mode='condense')
+    torch.manual_seed(seed)
+    sampler = ClassSampler(load_split(args), args.batch_real, 'cpu', seed=seed)
+    syn = Synthesizer(range(10), ipc, 1, 28, factor)
+    syn.init(sampler, args.init)
+    model = get_model('convnet', 10, 1, 28, 3, 0.125)
+    opt = torch.optim.SGD([syn.data], lr=0.1, momentum=args.mom_img)
+    gens = {c: stream_generator(seed, 100 + c) for c in range(10)}
+    info = DATASETS['fashion']
+    aug = build_match_aug(args.aug_type, info.mean, info.std)
+    return dict(args=args, sampler=sampler, syn=syn, model=model, opt=opt, gens=gens, aug=aug)
+
+
+@pytest.mark.parametrize('ipc, factor, kw', [(2, 2, {}), (1, 3, {'metric': 'mse'}),
+                                             (3, 1, {'metric': 'cos', 'batch_syn_max': 2})])
+def test_fast_match_step_equals_per_class_loop(fake_fashion, ipc, factor, kw):
+    import contextlib
+    runs = []
+    for step in (condense.match_step_loop, condense.match_step):
+        st = _state(fake_fashion, ipc, factor, **kw)
+        losses = [step(st['args'], st['syn'], st['sampler'], st['model'], st['opt'], st['aug'],
+                       st['gens'], contextlib.nullcontext()) for _ in range(3)]
+        runs.append((losses, st['syn'].data.detach().clone(),
+                     st['opt'].state[st['syn'].data]['momentum_buffer'].clone()))
+    (l0, s0, b0), (l1, s1, b1) = runs
+    assert l0 == pytest.approx(l1, rel=1e-4)
+    assert torch.allclose(b0, b1, rtol=1e-4, atol=1e-6)
+    # float32 rounding of the closed form: S values reach ~4 here
+    assert torch.allclose(s0, s1, rtol=1e-5, atol=1e-5)
+    assert (b0.abs() > 0).float().mean() > 0.5  # the steps did move S
+
+
+def test_momentum_closed_form_matches_sgd():
+    torch.manual_seed(0)
+    p = torch.randn(6, 2, requires_grad=True)
+    buf0 = torch.randn(6, 2)
+    grads = torch.randn(3, 6, 2)
+    opt = torch.optim.SGD([p], lr=0.3, momentum=0.5)
+    p.grad = torch.zeros_like(p)
+    opt.step()  # creates the buffer; then overwrite it with buf0 and restore p
+    opt.state[p]['momentum_buffer'] = buf0.clone()
+    start = torch.randn(6, 2)
+    with torch.no_grad():
+        p.copy_(start)
+    pos = torch.tensor([0, 0, 1, 1, 2, 2])
+    for k in range(3):  # step k carries the gradient of row block k only
+        g = torch.zeros(6, 2)
+        g[2 * k:2 * k + 2] = grads[k, 2 * k:2 * k + 2]
+        p.grad = g
+        opt.step()
+    g_own = torch.cat([grads[k, 2 * k:2 * k + 2] for k in range(3)])
+    q, b = condense.momentum_closed_form(start, buf0, g_own, pos, 3, 0.3, 0.5)
+    assert torch.allclose(q, p.detach(), atol=1e-6)
+    assert torch.allclose(b, opt.state[p]['momentum_buffer'], atol=1e-6)
