@@ -2,6 +2,10 @@ import os
 import sys
 from pathlib import Path
 
+# OpenMP threads that spin while waiting make torch crawl when other processes share the cores
+# (tests run several at once); sleeping waits cost little here. Set before torch is imported.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,465 @@
+"""Training networks: one epoch, validation, the evaluation schedule, and full-data baselines.
+
+The loop functions (`train_epoch`, `validate`, `train_model`, `load_weights`) are shared by
+condense.py, test.py and this script's `main`, which trains on the whole training set of a dataset
+(the paper's "full dataset" baseline) with the evaluation protocol of SPEC.md:
+SGD(lr, momentum, wd), MultiStepLR at 2/3 and 5/6 of the epochs (gamma 0.2), DSA per sample (or
+torchvision augmentation without DSA) and CutMix with probability mix_p.
+
+    python train.py -d fashion --data_dir /usr/share/datasets/fashion-mnist --epochs 10
+"""
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import (DATASETS, StreamLoader, TensorLoader, eval_loader, load_split, normalizer,
+                  standard_augment)
+from misc.augment import Compose, DiffAug
+from misc.device import autocast, resolve_device, setup_backends
+from misc.utils import (AverageMeter, Logger, UserError, accuracy, atomic_save, atomic_write_json,
+                        cutmix, safe_load, set_seed)
+from models import get_model
+
+NET_NAMES = {'convnet': 'ConvNet', 'resnet': 'ResNet', 'resnet_ap': 'ResNetAP',
+             'densenet': 'DenseNet', 'efficient': 'EfficientNet-B0'}
+# Checkpoint entries that must agree for --resume to continue the same schedule.
+RESUME_KEYS = ('dataset', 'nclass', 'size', 'net_type', 'depth', 'width', 'norm_type', 'epochs',
+               'lr', 'momentum', 'weight_decay', 'batch_size', 'repeat', 'mixup', 'mix_p', 'dsa',
+               'dsa_strategy')
+
+
+# ------------------------------------------------------------------------------- building blocks
+def net_name(net_type, depth, norm_type, width=1.0):
+    """Readable evaluator name, e.g. ConvNet-3-IN, ResNet-10-BN, DenseNet, EfficientNet-B0."""
+    name = NET_NAMES.get(net_type, net_type)
+    if net_type in ('convnet', 'resnet', 'resnet_ap'):
+        name += f'-{depth}'
+        name += {'batch': '-BN', 'instance': '-IN'}.get(norm_type, f'-{norm_type}')
+        if width != 1.0 and net_type != 'resnet':  # ResNet has no width multiplier
+            name += f'-w{width:g}'
+    return name
+
+
+def build_model(args, net_type=None, depth=None, norm_type=None, width=None):
+    """The network args names (or the one given) for args.dataset's images."""
+    return get_model(net_type or args.net_type, args.nclass, nch=DATASETS[args.dataset].nch,
+                     size=args.size, depth=depth or args.depth, width=width or args.width,
+                     norm_type=norm_type or args.norm_type, dataset=args.dataset)
+
+
+def train_augment(args):
+    """(normalize, aug) for training: the loader normalizes and `aug` applies per-sample DSA on
+    normalized images (as the original), or, without DSA, the loader leaves images in [0, 1] and
+    `aug` is torchvision augmentation followed by normalization."""
+    norm = normalizer(args.dataset)
+    if args.dsa:
+        return norm, DiffAug(args.dsa_strategy, batch=False)
+    std_aug = standard_augment(args.dataset, args.size, rrc=args.rrc)
+    return None, Compose([lambda x, generator=None: std_aug(x), norm])
+
+
+def make_optimizer(args, model, epochs):
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=[2 * epochs // 3, 5 * epochs // 6], gamma=0.2)
+    return optimizer, scheduler
+
+
+# ------------------------------------------------------------------------------- one epoch
+def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, mix_p=0.0,
+                n_data=None, ctx=None, progress=None):
+    """One pass over `batches` ((x, y) on the model's device); returns dict(loss, top1, top5).
+
+    aug: x -> x, applied without gradient per batch (e.g. DSA, or Compose with normalization).
+    CutMix with probability mix_p when mixup == 'cut' (one draw per batch, as the original).
+    n_data: stop once at least n_data samples were seen (for endless iterators).
+    ctx: optional autocast context. progress: optional tqdm bar updated per batch.
+    """
+    model.train()
+    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    seen = 0
+    for x, y in batches:
+        if aug is not None:
+            with torch.no_grad():
+                x = aug(x)
+        with ctx or contextlib.nullcontext():
+            if mixup == 'cut' and torch.rand(1).item() < mix_p:
+                x, y_a, y_b, lam = cutmix(x, y, beta)
+                out = model(x)
+                loss = lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b)
+            else:
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+        if not torch.isfinite(loss):
+            raise UserError(f'training loss became {loss.item()} after {seen} samples of this '
+                            f'epoch; lower --lr or check the training images')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        n = len(y)
+        a1, a5 = accuracy(out.detach().float(), y, topk=(1, 5))
+        losses.update(loss.item(), n)
+        top1.update(a1, n)
+        top5.update(a5, n)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f'{losses.avg:.3f}', top1=f'{top1.avg:.1f}', refresh=False)
+        seen += n
+        if n_data is not None and seen >= n_data:
+            break
+    return dict(loss=losses.avg, top1=top1.avg, top5=top5.avg)
+
+
+@torch.no_grad()
+def validate(model, loader, ctx=None):
+    """Top-1, top-5 accuracy (%) and mean loss of `model` (eval mode) on normalized batches."""
+    model.eval()
+    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    for x, y in loader:
+        with ctx or contextlib.nullcontext():
+            out = model(x)
+        out = out.float()
+        a1, a5 = accuracy(out, y, topk=(1, 5))
+        n = len(y)
+        losses.update(F.cross_entropy(out, y).item(), n)
+        top1.update(a1, n)
+        top5.update(a5, n)
+    return dict(top1=top1.avg, top5=top5.avg, loss=losses.avg)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def weights_of(ckpt, path):
+    """The state dict inside a loaded checkpoint: the object itself, or its 'state_dict' or
+    'model' entry, with DataParallel's 'module.' prefixes stripped."""
+    state = ckpt
+    if isinstance(ckpt, dict):
+        for key in ('state_dict', 'model'):
+            if isinstance(ckpt.get(key), dict):
+                state = ckpt[key]
+                break
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f'{path}: holds no network weights (expected a state dict, or a dict '
+                        f"with 'state_dict' or 'model')")
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+
+
+def load_state(model, state, path):
+    """model.load_state_dict(state), with a UserError naming `path` and what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:2])})")
+        raise UserError(f"{path}: weights do not fit the network {type(model).__name__}: "
+                        f"{', '.join(parts)} parameters. Check -n/--depth/--width/--norm_type.")
+    model.load_state_dict(state)
+
+
+def load_weights(model, path):
+    """Load network weights from `path` into `model` (weights_only loading); returns the loaded
+    object.
+
+    Accepts a raw state dict, or a checkpoint with the weights under 'state_dict' or 'model'
+    (this project's and the original's), with or without DataParallel's 'module.' prefixes.
+    A missing or unreadable file, or weights of another architecture, raise UserError.
+    """
+    ckpt = safe_load(path, what='network weights (a state dict or a checkpoint)')
+    load_state(model, weights_of(ckpt, path), path)
+    return ckpt
+
+
+def rng_state(loader=None):
+    """Every random state a training run draws from (global torch/numpy/python, CUDA, loader)."""
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                       *np_state[2:])}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    if loader is not None and hasattr(loader, 'g'):
+        state['loader'] = loader.g.get_state()
+    return state
+
+
+def set_rng_state(state, loader=None):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    kind, keys, *rest = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    if loader is not None and 'loader' in state and hasattr(loader, 'g'):
+        loader.g.set_state(state['loader'])
+
+
+# ------------------------------------------------------------------------------- the schedule
+def train_model(args, model, train_loader, val_loader, device, logger, epochs, aug=None,
+                num_val=4, val_every=None, ctx=None, resume=None, on_epoch_end=None, desc='',
+                batch_bar=False):
+    """Train `model` for `epochs` with the evaluation protocol; returns
+    dict(best, last, best5, last5, history) (top-1/top-5 in %).
+
+    train_loader: re-iterable batches (x, y) on `device` (TensorLoader, StreamLoader), or a
+    function returning a fresh iterable per epoch. aug: see train_epoch (mixup, beta, mix_p come
+    from args). Validation every `val_every` epochs (default epochs // num_val) and at the last
+    epoch. resume: a state from `on_epoch_end` to continue from. on_epoch_end(state, is_best) is
+    called after every epoch with the whole training state (for checkpoints).
+    """
+    model.to(device)  # before the optimizer, so that its loaded state lands on the device
+    optimizer, scheduler = make_optimizer(args, model, epochs)
+    val_every = max(1, val_every or epochs // num_val)
+    res = dict(best=0.0, best5=0.0, last=0.0, last5=0.0, history=[])
+    start = 1
+    if resume is not None:
+        load_state(model, resume['model'], resume.get('path', 'the checkpoint'))
+        if resume.get('optimizer') is not None:
+            optimizer.load_state_dict(resume['optimizer'])
+        if resume.get('scheduler') is not None:
+            scheduler.load_state_dict(resume['scheduler'])
+        else:  # the original's checkpoints keep no scheduler: replay its epochs
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler')
+                for _ in range(resume['epoch']):
+                    scheduler.step()
+        res = {k: resume['result'][k] for k in res}
+        start = resume['epoch'] + 1
+    mixup = getattr(args, 'mixup', 'vanilla')
+
+    bar = tqdm(range(start, epochs + 1), desc=desc or 'train', initial=start - 1, total=epochs,
+               disable=None, leave=False, dynamic_ncols=True, file=sys.stderr)
+    for epoch in bar:
+        batches = train_loader() if callable(train_loader) else train_loader
+        inner = None
+        if batch_bar:
+            inner = tqdm(total=len(batches) if hasattr(batches, '__len__') else None,
+                         desc=f'epoch {epoch}/{epochs}', disable=None, leave=False,
+                         dynamic_ncols=True, file=sys.stderr)
+        tr = train_epoch(model, batches, optimizer, aug=aug, mixup=mixup, beta=args.beta,
+                         mix_p=args.mix_p, ctx=ctx, progress=inner)
+        if inner is not None:
+            inner.close()
+        scheduler.step()
+        bar.set_postfix(loss=f"{tr['loss']:.3f}", top1=f"{tr['top1']:.1f}", refresh=False)
+
+        is_best = False
+        if epoch % val_every == 0 or epoch == epochs:
+            va = validate(model, val_loader, ctx)
+            res['last'], res['last5'] = va['top1'], va['top5']
+            if va['top1'] > res['best']:
+                is_best = True
+                res['best'], res['best5'] = va['top1'], va['top5']
+            res['history'].append(dict(epoch=epoch, train_loss=tr['loss'], train_top1=tr['top1'],
+                                       top1=va['top1'], top5=va['top5'], loss=va['loss']))
+            logger(f"[{desc + ' ' if desc else ''}epoch {epoch}/{epochs}] "
+                   f"(Train) Top1 {tr['top1']:.1f} Loss {tr['loss']:.3f} | "
+                   f"(Test) Top1 {va['top1']:.1f} Top5 {va['top5']:.1f} Loss {va['loss']:.3f} | "
+                   f"best {res['best']:.1f}")
+            logger.json(dict(event='val', run=desc, epoch=epoch, epochs=epochs,
+                             lr=optimizer.param_groups[0]['lr'], train_loss=tr['loss'],
+                             train_top1=tr['top1'], top1=va['top1'], top5=va['top5'],
+                             loss=va['loss'], best=res['best']))
+        if on_epoch_end is not None:
+            on_epoch_end(dict(epoch=epoch, model=model.state_dict(),
+                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                              result=dict(res)), is_best)
+    bar.close()
+    return res
+
+
+def mean_std(values):
+    v = np.asarray(values, dtype=np.float64)
+    return (float(v.mean()), float(v.std())) if len(v) else (float('nan'), float('nan'))
+
+
+def summarize(runs):
+    """Mean and std (over repeats, ddof 0) of each run's best and last top-1."""
+    best_mean, best_std = mean_std([r['best'] for r in runs])
+    last_mean, last_std = mean_std([r['last'] for r in runs])
+    return dict(runs=[{k: r[k] for k in ('best', 'last', 'best5', 'last5')} for r in runs],
+                best_mean=best_mean, best_std=best_std, last_mean=last_mean, last_std=last_std)
+
+
+def summary_line(repeat, summary):
+    """The original's summary line: the two mean accuracies and nothing after them."""
+    return f"Repeat {repeat} => Best, last acc: {summary['best_mean']:.1f} " \
+           f"{summary['last_mean']:.1f}"
+
+
+def jsonable_args(args):
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+# ------------------------------------------------------------------------------- full-data run
+def output_dir(args):
+    """--save_dir, else ./pretrained/{datatag}/{modeltag}{tag}_{seed} when per-epoch checkpoints
+    for condensation are asked for (--pt_from, as the original's pretrain.py), else the folder
+    argument.py derives."""
+    if 'save_dir' in args.explicit or args.pt_from < 0:
+        return args.save_dir
+    return f'./pretrained/{args.datatag}/{args.modeltag}{args.tag}_{args.seed}'
+
+
+def full_train_loader(args, dset, device, normalize):
+    if hasattr(dset, 'images'):
+        return TensorLoader(dset.images, dset.targets, args.batch_size, device, normalize,
+                            shuffle=True, seed=args.seed)
+    return StreamLoader(dset, args.batch_size, device, normalize, shuffle=True,
+                        workers=args.workers)
+
+
+class Checkpointer:
+    """Writes train.py's checkpoints in args.save_dir, atomically.
+
+    checkpoint.pth.tar (every epoch, with --save_ckpt or --resume): everything to continue —
+    model, optimizer, scheduler, epoch, best accuracy, finished repeats, RNG states, args.
+    model_best.pth.tar (with --save_ckpt): weights of the best validation so far.
+    checkpoint{E}.pth.tar (with --pt_from E [--pt_num K]): weights after epochs E..E+K-1, the
+    pretrained networks condense.py's --pt_from loads.
+    """
+
+    def __init__(self, args, loader, finished):
+        self.args, self.loader, self.finished = args, loader, finished
+        self.path = os.path.join(args.save_dir, 'checkpoint.pth.tar')
+        self.whole = args.save_ckpt or args.resume
+        self.pt_epochs = range(args.pt_from, args.pt_from + args.pt_num) if args.pt_from >= 0 \
+            else range(0)
+        self.repeat = 0
+
+    def __call__(self, state, is_best):
+        a, epoch = self.args, state['epoch']
+        meta = dict(arch=a.net_type, epoch=epoch, args=jsonable_args(a))
+        if self.whole:
+            atomic_save(dict(state, repeat=self.repeat, finished=list(self.finished),
+                             rng=rng_state(self.loader), **meta), self.path)
+        if a.save_ckpt and is_best:
+            atomic_save(dict(state_dict=state['model'], best_acc1=state['result']['best'],
+                             best_acc5=state['result']['best5'], **meta),
+                        os.path.join(a.save_dir, 'model_best.pth.tar'))
+        if epoch in self.pt_epochs:
+            atomic_save(dict(state_dict=state['model'], **meta),
+                        os.path.join(a.save_dir, f'checkpoint{epoch}.pth.tar'))
+
+
+def load_resume(args, logger):
+    path = os.path.join(args.save_dir, 'checkpoint.pth.tar')
+    if not os.path.isfile(path):
+        logger(f'--resume: no checkpoint at {path}; starting from the beginning')
+        return None
+    ckpt = safe_load(path, what='a train.py checkpoint')
+    if isinstance(ckpt, dict) and 'model' not in ckpt and 'epoch' in ckpt and 'state_dict' in ckpt:
+        # The original train.py's checkpoint: weights, optimizer, epoch, best accuracy.
+        logger(f'{path}: a checkpoint of the original code; continuing its first run')
+        return dict(path=path, repeat=0, finished=[], epoch=int(ckpt['epoch']),
+                    model=weights_of(ckpt, path), optimizer=ckpt.get('optimizer'),
+                    scheduler=None, rng=None,
+                    result=dict(best=float(ckpt.get('best_acc1', 0.0)),
+                                best5=float(ckpt.get('best_acc5', 0.0)), last=0.0, last5=0.0,
+                                history=[]))
+    if not isinstance(ckpt, dict) or not {'epoch', 'repeat', 'model', 'args'} <= set(ckpt):
+        raise UserError(f'{path}: not a train.py checkpoint (no epoch/repeat/model/args entries)')
+    ckpt['path'] = path
+    old = ckpt['args']
+    diff = [f'{k}: {old.get(k)!r} there, {getattr(args, k)!r} now' for k in RESUME_KEYS
+            if k in old and old[k] != getattr(args, k)]
+    if diff:
+        raise UserError(f"{path} was written by a run with other settings ({'; '.join(diff)}); "
+                        f"give the same options to resume it, or another --save_dir")
+    return ckpt
+
+
+def main(args):
+    if args.pt_from >= 0 and args.repeat > 1:
+        raise UserError('--pt_from writes one network per folder: run train.py once per --seed '
+                        'instead of --repeat')
+    args.save_dir = output_dir(args)
+    logger = Logger(args.save_dir)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    setup_backends(device)
+    set_seed(args.seed)
+    ctx = autocast(device, args.amp)
+    logger(f'train.py: {args.dataset} full training set, save dir {args.save_dir}, '
+           f'device {device}')
+    for line in args.derived:
+        logger(f'  {line}')
+    atomic_write_json(os.path.join(args.save_dir, 'args.json'), jsonable_args(args))
+
+    trainset = load_split(args, train=True)
+    valset = load_split(args, train=False)
+    normalize, aug = train_augment(args)
+    loader = full_train_loader(args, trainset, device, normalize)
+    val_loader = eval_loader(valset, args.dataset, device, batch_size=500, workers=args.workers)
+    name = net_name(args.net_type, args.depth, args.norm_type, args.width)
+    logger(f'{len(trainset)} training / {len(valset)} test images; {name}; '
+           f"{'DSA ' + args.dsa_strategy if args.dsa else 'standard augmentation'}, "
+           f"mixup {args.mixup} (p {args.mix_p}); {args.epochs} epochs")
+
+    finished, resume = [], None
+    if args.resume:
+        resume = load_resume(args, logger)
+        if resume is not None:
+            finished = list(resume['finished'])
+            logger(f"resumed from {args.save_dir}/checkpoint.pth.tar: repeat "
+                   f"{resume['repeat'] + 1}, epoch {resume['epoch']}")
+    saver = Checkpointer(args, loader, finished)
+    start = time.time()
+    for r in range(len(finished), args.repeat):
+        saver.repeat = r
+        state = resume if resume is not None and resume['repeat'] == r else None
+        if state is not None and state['epoch'] >= args.epochs:  # killed before the summary
+            if state['rng'] is not None:
+                set_rng_state(state['rng'], loader)
+            finished.append({k: state['result'][k] for k in ('best', 'last', 'best5', 'last5')})
+            continue
+        model = build_model(args)
+        if state is not None and state['rng'] is not None:
+            set_rng_state(state['rng'], loader)  # after building: init draws were made before
+        if r == 0 and state is None:
+            n_par = sum(p.numel() for p in model.parameters())
+            logger(f'=> {name}: {n_par / 1e6:.2f}M parameters')
+        res = train_model(args, model, loader, val_loader, device, logger, args.epochs, aug=aug,
+                          val_every=args.epoch_print_freq, ctx=ctx, resume=state,
+                          on_epoch_end=saver, desc=f'repeat {r + 1}/{args.repeat}',
+                          batch_bar=True)
+        finished.append({k: res[k] for k in ('best', 'last', 'best5', 'last5')})
+        logger(f"repeat {r + 1}: best {res['best']:.2f} (top-5 {res['best5']:.2f}), "
+               f"last {res['last']:.2f} (top-5 {res['last5']:.2f})")
+    summary = summarize(finished)
+    logger(summary_line(args.repeat, summary))
+    atomic_write_json(os.path.join(args.save_dir, 'summary.json'), dict(
+        dataset=args.dataset, selection='full', nclass=args.nclass, evaluator=name,
+        net_type=args.net_type, depth=args.depth, norm_type=args.norm_type, width=args.width,
+        epochs=args.epochs, repeat=args.repeat, n_train=len(trainset), seed=args.seed,
+        wall_s=round(time.time() - start, 1), **summary))
+    return summary
+
+
+if __name__ == '__main__':
+    from argument import parse_args
+    try:
+        main(parse_args(mode='train'))
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
