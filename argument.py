@@ -135,7 +135,7 @@ def get_parser():
       'math); loop: the original per-class loop with loss.backward()')
     a('--compile', action='store_true',
       help='torch.compile the matching computation (slow first iteration, faster after)')
-    a('--channels_last', action='store_true', help='channels_last memory format for networks')
+    a('--tf32', action='store_true', help='TF32 matrix products and convolutions on CUDA')
     # Test
     a('-s', '--slct_type', default='idc', choices=['idc', 'dsa', 'kip', 'random', 'herding'])
     a('--repeat', default=1, type=int)

@@ -408,7 +408,7 @@ def main(args):
         device = resolve_device(args.device)
     except RuntimeError as e:
         raise UserError(str(e)) from None
-    setup_backends(device)
+    setup_backends(device, args.tf32)
     set_seed(args.seed)
     out, paths = sources(args)
     beside_data = args.slct_type == 'idc' and 'save_dir' not in args.explicit

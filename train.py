@@ -397,7 +397,7 @@ def main(args):
         device = resolve_device(args.device)
     except RuntimeError as e:
         raise UserError(str(e)) from None
-    setup_backends(device)
+    setup_backends(device, args.tf32)
     set_seed(args.seed)
     ctx = autocast(device, args.amp)
     logger(f'train.py: {args.dataset} full training set, save dir {args.save_dir}, '

@@ -175,7 +175,7 @@ def main():
             f'--reproduce --device {opt.device} --test {opt.extra}')
     args = parse_args(line.split(), mode='condense')
     device = resolve_device(args.device)
-    setup_backends(device)
+    setup_backends(device, args.tf32)
     train_set = load_split(args, train=True)
     val_set = load_split(args, train=False)
 

@@ -29,7 +29,9 @@ def autocast(device, enabled=False):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def setup_backends(device):
-    """Fast defaults that do not change fp32 results beyond rounding."""
+def setup_backends(device, tf32=False):
+    """cuDNN autotuning (same math); TF32 only when asked, since it rounds fp32 products."""
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
