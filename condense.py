@@ -11,7 +11,6 @@ Results, checkpoints and logs go to args.save_dir; `--resume` continues a killed
 import glob
 import math
 import os
-import random
 import sys
 import time
 
@@ -23,13 +22,14 @@ from tqdm import tqdm
 from argument import parse_args
 from data import (DATASETS, ClassSampler, decode, decode_classwise, eval_loader, load_split,
                   stream_generator)
+from misc import dist as distributed
 from misc.augment import build_match_aug, build_net_aug
-from misc.device import autocast, resolve_device, setup_backends
+from misc.device import autocast, setup_backends
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
-                        is_main_process, safe_load, save_img, set_seed)
+                        get_world_size, is_main_process, safe_load, save_img, set_seed)
 from models import get_model
 from test import RESNET10_BN, default_evaluator, evaluate_data
-from train import load_weights, train_epoch
+from train import load_weights, rng_state, set_rng_state, train_epoch
 
 CKPT_NAME = 'checkpoint.pt'
 # Options that may differ between a run and its --resume (they do not change the result).
@@ -165,7 +165,8 @@ def match_loss(model, img_real, img_syn, lab_real, lab_syn, args):
 
 # ---------------------------------------------------------------- one outer iteration
 def new_network(args, nclass, device, sampler, aug_net):
-    """A fresh network for the next `fix_iter` outer iterations, as --pt_from/--early say."""
+    """A fresh network for the next `fix_iter` outer iterations, as --pt_from/--early say.
+    Under torchrun every rank takes rank 0's network, and --early trains it data-parallel."""
     model = get_model(args.net_type, nclass, args.nch, args.size, args.depth, args.width,
                       args.norm_type, args.dataset).to(device)
     model.train()
@@ -173,10 +174,12 @@ def new_network(args, nclass, device, sampler, aug_net):
                                 weight_decay=args.weight_decay)
     if args.pt_from >= 0:
         load_weights(model, pretrained_path(args))
+    distributed.broadcast_module(model)
     for _ in range(args.early):
         n_batches = math.ceil(len(sampler.targets) / args.batch_real)
-        train_epoch(model, (sampler.sample() for _ in range(n_batches)), optim_net, aug=aug_net,
-                    mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p)
+        with distributed.DataParallel(optim_net) as dp:
+            train_epoch(model, dp.batches(sampler.sample() for _ in range(n_batches)), optim_net,
+                        aug=aug_net, mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p)
     return model, optim_net
 
 
@@ -349,7 +352,7 @@ def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx, ma
     seen, buf, pos, lr, m = matched_position(args, synset, optim_img)
     grad = torch.zeros_like(seen)
     total = torch.zeros((), device=seen.device)
-    for c in synset.classes:
+    for c in distributed.my_share(synset.classes):  # all classes in one process
         rows = seen[synset.slot(c)].requires_grad_()
         img_real, img_syn, lab_real, lab_syn = class_inputs(args, synset, sampler, c, aug_match,
                                                             gens[c], rows=rows)
@@ -357,6 +360,9 @@ def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx, ma
             loss, g_syn = matcher(img_real, img_syn, lab_real, lab_syn)
         (grad[synset.slot(c)], ) = torch.autograd.grad(img_syn, rows, g_syn.to(img_syn.dtype))
         total += loss.float()
+    # Under torchrun each rank matched its share of the classes (zeros elsewhere): one sum gives
+    # every rank every class's gradient, and every rank takes the same closed-form step.
+    distributed.all_reduce_sum_([grad, total], 'the matching step')
     with torch.no_grad():
         p, new_buf = momentum_closed_form(synset.data, buf, grad, pos, len(synset.classes), lr,
                                           m)
@@ -366,34 +372,26 @@ def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx, ma
 
 
 def net_step(args, sampler, model, optim_net, aug_net, ctx):
-    """Step 2 of an inner iteration: train the network on n_data real images, net_epoch times."""
+    """Step 2 of an inner iteration: train the network on n_data real images, net_epoch times.
+    Under torchrun data-parallel: every rank draws the same batches, trains on its share of
+    each, and the optimizer steps with the whole batch's gradient."""
     for _ in range(args.net_epoch):
-        train_epoch(model, iter(sampler.sample, None), optim_net, aug=aug_net,
-                    mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p, n_data=args.n_data,
-                    ctx=ctx)
+        with distributed.DataParallel(optim_net) as dp:
+            train_epoch(model, dp.batches(real_batches(sampler, args.n_data)), optim_net,
+                        aug=aug_net, mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p,
+                        ctx=ctx)
+
+
+def real_batches(sampler, n_data):
+    """Random real batches of all classes until at least n_data images were drawn."""
+    seen = 0
+    while seen < n_data:
+        x, y = sampler.sample()
+        seen += len(y)
+        yield x, y
 
 
 # ---------------------------------------------------------------- checkpoints
-def rng_state():
-    """Every global RNG state, in types that torch.load(weights_only=True) reads back."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {'torch': torch.get_rng_state(),
-             'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-             'python': random.getstate()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    kind, keys, pos, has_gauss, gauss = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
 def config_of(args):
     return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
 
@@ -425,7 +423,12 @@ def my_classes(args):
 
 
 def condense(args, logger, device, train_set, val_set, ckpt=None):
-    """Optimize the condensed data; returns the Synthesizer. `ckpt`: a checkpoint to resume."""
+    """Optimize the condensed data; returns the Synthesizer. `ckpt`: a checkpoint to resume.
+
+    Under torchrun every rank holds all of S and the same network; each matches its share of
+    the classes (match_step sums the gradients over the ranks) and trains the network on its
+    share of each real batch (net_step); rank 0 alone evaluates and writes files.
+    """
     info = DATASETS[args.dataset]
     classes = my_classes(args)
     sampler = ClassSampler(train_set, args.batch_real, device, seed=args.seed)
@@ -438,6 +441,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
     # One random stream per class for the matching draws (subsampling and augmentation), so a
     # class gets the same draws whichever process condenses it.
     gens = {c: stream_generator(args.seed, 10_000 + c) for c in classes}
+    mine = distributed.my_share(classes)  # the classes this rank matches (all in one process)
     optim_img = torch.optim.SGD([synset.data], lr=args.lr_img, momentum=args.mom_img)
     n_iter = args.niter * 100 // args.inner_loop
     it_log = max(1, n_iter // 50)
@@ -454,7 +458,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
         sampler.load_state_dict(ckpt['sampler'])
         for c, state in ckpt['gens'].items():
             gens[int(c)].set_state(state)
-        set_rng_state(ckpt['rng'])
+        set_rng_state(rank_rng_state(ckpt, logger))
         start = ckpt['it']
         if ckpt.get('model') is not None:
             model, optim_net = new_network_shell(args, device)
@@ -466,17 +470,29 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
         if args.resume:
             logger(f'--resume: no checkpoint in {args.save_dir} yet, starting afresh')
         synset.init(sampler, args.init)
-        save_img(os.path.join(args.save_dir, 'init.png'), synset.data)
-        sample, _ = synset.sample(synset.classes[0], max_size=args.batch_syn_max)
-        save_img(os.path.join(args.save_dir, 'aug.png'), aug_match(sample),
-                 unnormalize=(info.mean, info.std))
-        if val_loader is not None:
+        distributed.broadcast_([synset.data], 'sharing the initial data')  # noise init
+        if is_main_process():
+            # The initialization in data.pt's format, so that test.py can evaluate it too.
+            atomic_save([synset.data.detach().cpu(), synset.targets.cpu()],
+                        os.path.join(args.save_dir, 'init.pt'))
+            save_img(os.path.join(args.save_dir, 'init.png'), synset.data)
+            sample, _ = synset.sample(synset.classes[0], max_size=args.batch_syn_max)
+            save_img(os.path.join(args.save_dir, 'aug.png'), aug_match(sample),
+                     unnormalize=(info.mean, info.std))
+        if val_loader is not None:  # rank 0 only
             evaluate(args, synset, val_loader, device, logger, it=0, bench=False)
+        distributed.barrier('the wait for rank 0 to evaluate the initialization')
 
+    world = get_world_size()
     logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
-           f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations')
+           f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations' +
+           (f'; {world} ranks, rank r matches classes r, r+{world}, ... and trains on its share '
+            f'of each real batch' if world > 1 else ''))
+    if len(classes) < world:
+        logger(f'note: {world - len(classes)} rank(s) have no class to match (more ranks than '
+               f'classes); they share the network updates only')
     bar = tqdm(total=n_iter * args.inner_loop, initial=start * args.inner_loop, unit='step',
-               disable=not is_main_process(), dynamic_ncols=True, file=sys.stdout)
+               disable=not is_main_process(), dynamic_ncols=True, file=sys.stderr)
     for it in range(start, n_iter):
         if it % max(1, args.fix_iter) == 0 or model is None:
             model, optim_net = new_network(args, args.nclass, device, sampler, aug_net)
@@ -500,7 +516,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
         if it % it_log == 0:
             logger(f'(Iter {it:3d}) loss: {loss:.4f}  ({step_s:.2f} s/inner step)')
             logger.json({'event': 'loss', 'iter': it, 'loss': loss, 'step_s': step_s})
-        if it + 1 in it_save:
+        if it + 1 in it_save and is_main_process():
             save_img(os.path.join(args.save_dir, f'img{it + 1}.png'), synset.data)
             atomic_save([synset.data.detach().cpu(), synset.targets.cpu()],
                         os.path.join(args.save_dir, 'data.pt'))
@@ -508,14 +524,54 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
             if val_loader is not None:
                 evaluate(args, synset, val_loader, device, logger, it=it + 1, bench=True)
         keep_net = args.fix_iter > 1 and (it + 1) % args.fix_iter != 0
-        atomic_save({'data': synset.data.detach().cpu(), 'optim_img': optim_img.state_dict(),
-                     'sampler': sampler.state_dict(), 'rng': rng_state(), 'it': it + 1,
-                     'gens': {c: g.get_state() for c, g in gens.items()},
-                     'config': config_of(args),
-                     'model': model.state_dict() if keep_net else None,
-                     'optim_net': optim_net.state_dict() if keep_net else None}, ckpt_path)
+        streams, gen_states, rngs = gather_streams(sampler, gens, mine, synset, model, logger)
+        if is_main_process():
+            atomic_save({'data': synset.data.detach().cpu(), 'optim_img': optim_img.state_dict(),
+                         'sampler': streams, 'rng': rngs[0], 'rng_ranks': rngs, 'it': it + 1,
+                         'gens': gen_states, 'config': config_of(args),
+                         'model': model.state_dict() if keep_net else None,
+                         'optim_net': optim_net.state_dict() if keep_net else None}, ckpt_path)
+        # The other ranks wait for rank 0's evaluation and files with the long timeout.
+        distributed.barrier('the wait for rank 0 to evaluate and write the checkpoint')
     bar.close()
     return synset
+
+
+def gather_streams(sampler, gens, mine, synset, model, logger):
+    """(sampler state, per-class generator states, [global RNG state of each rank]) for the
+    checkpoint. A rank advances only its own classes' streams, so rank 0 takes each class's
+    from its owner; the stream of the network batches is the same on every rank. Also checks
+    that the ranks still hold the same S and network (they must, bit for bit)."""
+    state = sampler.state_dict()
+    own = ({c: state['cls'][c] for c in mine}, {c: gens[c].get_state() for c in mine},
+           rng_state(), fingerprint(synset, model))
+    parts = distributed.all_gather_object(own, 'gathering the random streams')
+    gen_states = {c: g.get_state() for c, g in gens.items()}
+    for cls_states, own_gens, _, _ in parts:
+        state['cls'].update(cls_states)
+        gen_states.update(own_gens)
+    prints = [p[3] for p in parts]
+    if any(p != prints[0] for p in prints):
+        logger(f'warning: the ranks hold different synthetic data or networks (sums per rank: '
+               f'{prints}); please report this')
+    return state, gen_states, [p[2] for p in parts]
+
+
+def fingerprint(synset, model):
+    """Sums of S and of the network's parameters, in float64."""
+    with torch.no_grad():
+        return (synset.data.sum(dtype=torch.float64).item(),
+                sum(p.sum(dtype=torch.float64).item() for p in model.parameters()))
+
+
+def rank_rng_state(ckpt, logger):
+    """This rank's global RNG state from a checkpoint (rank 0's for ranks it did not have)."""
+    states = ckpt.get('rng_ranks') or [ckpt['rng']]
+    if len(states) != get_world_size():
+        logger(f'note: the checkpoint was written by {len(states)} process(es), this run has '
+               f'{get_world_size()}: the class streams continue exactly, the augmentation draws '
+               f'of the network updates do not')
+    return states[get_rank()] if get_rank() < len(states) else ckpt['rng']
 
 
 def new_network_shell(args, device):
@@ -543,30 +599,55 @@ def evaluate(args, synset, val_loader, device, logger, it, bench):
     return result
 
 
+def read_checkpoint(args):
+    """The checkpoint to resume, or None: rank 0 reads and checks it and every rank gets it
+    (so only rank 0's machine needs the save folder)."""
+    ckpt_path = os.path.join(args.save_dir, CKPT_NAME)
+    ckpt, error = None, None
+    if is_main_process() and args.resume and os.path.isfile(ckpt_path):
+        try:
+            ckpt = load_checkpoint(ckpt_path, args)
+        except UserError as e:
+            error = str(e)
+    # Also the ranks' meeting point after loading the data (with the long timeout).
+    ckpt, error = distributed.broadcast_object((ckpt, error), 'sharing the checkpoint')
+    if error is not None:
+        raise UserError(error)
+    return ckpt
+
+
 def main(args):
-    device = resolve_device(args.device)
-    setup_backends(device)
-    set_seed(args.seed)
+    """Condense; under torchrun, as one rank of the process group torchrun set up."""
+    device = distributed.init_distributed(args.device)
+    setup_backends(device, args.tf32)
+    set_seed(args.seed)  # the same seed on every rank (rank 0's network is shared anyway)
     # Check what can be checked before anything is written.
     if args.niter * 100 // args.inner_loop < 1:
         raise UserError(f'--niter {args.niter} with --inner_loop {args.inner_loop} gives no '
                         f'outer iteration (niter*100 // inner_loop must be at least 1)')
+    if args.match_impl == 'loop' and get_world_size() > 1:
+        raise UserError('--match_impl loop steps S once per class and runs in one process; '
+                        'under torchrun use the default --match_impl fast (the same math)')
     check_pretrained(args)
     train_set = load_split(args, train=True)
     partition = my_classes(args) if args.nclass_sub > 0 else None
-    val_set = None if args.test else load_split(args, train=False, classes=partition)
-    ckpt_path = os.path.join(args.save_dir, CKPT_NAME)
-    ckpt = load_checkpoint(ckpt_path, args) if args.resume and os.path.isfile(ckpt_path) \
-        else None
+    val_set = None if args.test or not is_main_process() else \
+        load_split(args, train=False, classes=partition)
+    ckpt = read_checkpoint(args)
 
-    os.makedirs(args.save_dir, exist_ok=True)
+    if is_main_process():
+        os.makedirs(args.save_dir, exist_ok=True)
     logger = Logger(args.save_dir, enabled=is_main_process())
-    logger(f'Save dir: {args.save_dir} (device {device}, rank {get_rank()})')
+    world = get_world_size()
+    logger(f'Save dir: {args.save_dir} (device {device}' +
+           (f', {world} processes, {distributed.backend()})' if world > 1 else ')'))
     for line in args.derived:
         logger(f'  derived: {line}')
-    atomic_write_json(os.path.join(args.save_dir, 'args.json'), vars(args))
+    if is_main_process():
+        atomic_write_json(os.path.join(args.save_dir, 'args.json'), vars(args))
     synset = condense(args, logger, device, train_set, val_set, ckpt)
     logger(f'Done: {os.path.join(args.save_dir, "data.pt")}')
+    distributed.cleanup()
     return synset
 
 
@@ -575,7 +656,10 @@ def run_cli(argv=None):
     try:
         main(args)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        msg = str(e)
+        if get_world_size() > 1 and not msg.startswith('rank '):
+            msg = f'rank {get_rank()}: {msg}'
+        print(f'error: {msg}', file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -336,7 +336,7 @@ def select_data(args, paths, device, logger):
     if args.slct_type == 'random':
         seed = args.seed if 'seed' in args.explicit else None
         idx = random_select(trainset.targets, args.ipc, args.nclass, seed=seed)
-        logger(f'random selection: ' + (f'a draw with seed {seed}' if seed is not None else
+        logger('random selection: ' + (f'a draw with seed {seed}' if seed is not None else
                                         f'the first {args.ipc} images of each class'))
         return gather(trainset, idx)
     idx = select_herding(args, trainset, device, logger)

@@ -15,7 +15,6 @@ import condense
 from argument import parse_args
 from conftest import ROOT
 from condense import Synthesizer, dist, match_loss, mix_grid
-from data import decode_zoom
 from misc.utils import safe_load
 
 
@@ -116,7 +115,9 @@ def test_match_loss_equals_hand_computed(metric):
         'l2': (d**2).sum().sqrt(),
     }[metric]
     # cos: 1 - (a value near 1) cancels in float32, hence the absolute tolerance
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6 if metric == 'cos'
+    # float32 against float64 (reduction order varies with the thread count); cos: 1 - (a value
+    # near 1) cancels in float32, hence its absolute tolerance
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6 if metric == 'cos'
                                         else 1e-9)
 
 
@@ -232,11 +233,12 @@ def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):
     (['--inner_loop', '1000'], 'gives no outer iteration'),
     (['--pt_from', '2'], 'no pretrained networks'),
 ])
-def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, message):
+def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, message, capsys):
     out = tmp_path / 'bad'
-    r = run(cli(fake_fashion, out) + extra)
-    assert r.returncode == 2
-    assert message in r.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as e:
+        condense.run_cli(cli(fake_fashion, out) + extra)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
 
 
@@ -284,7 +286,7 @@ def test_pretrained_networks_are_loaded(fake_fashion, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- fast path = the original's math
 def _state(fake_fashion, ipc, factor, seed=0, **kw):
-    import copy
+
     from data import ClassSampler, DATASETS, load_split, stream_generator
     from misc.augment import build_match_aug
     from models import get_model
@@ -318,7 +320,7 @@ def test_fast_match_step_equals_per_class_loop(fake_fashion, ipc, factor, kw):
                      st['opt'].state[st['syn'].data]['momentum_buffer'].clone()))
     (l0, s0, b0), (l1, s1, b1) = runs
     assert l0 == pytest.approx(l1, rel=1e-4)
-    assert torch.allclose(b0, b1, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(b0, b1, rtol=1e-4, atol=1e-5)
     # float32 rounding of the closed form: S values reach ~4 here
     assert torch.allclose(s0, s1, rtol=1e-5, atol=1e-5)
     assert (b0.abs() > 0).float().mean() > 0.5  # the steps did move S
