@@ -26,7 +26,8 @@ from misc import dist as distributed
 from misc.augment import build_match_aug, build_net_aug
 from misc.device import autocast, setup_backends
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
-                        get_world_size, is_main_process, safe_load, save_img, set_seed)
+                        get_world_size, is_main_process, run_main, safe_load, save_img,
+                        set_seed)
 from models import get_model
 from test import RESNET10_BN, default_evaluator, evaluate_data
 from train import load_weights, rng_state, set_rng_state, train_epoch
@@ -652,16 +653,7 @@ def main(args):
 
 
 def run_cli(argv=None):
-    args = parse_args(argv, mode='condense')
-    try:
-        main(args)
-    except UserError as e:
-        msg = str(e)
-        if get_world_size() > 1 and not msg.startswith('rank '):
-            msg = f'rank {get_rank()}: {msg}'
-        print(f'error: {msg}', file=sys.stderr, flush=True)
-        sys.exit(2)
-
+    run_main(main, parse_args(argv, mode='condense'))
 
 if __name__ == '__main__':
     run_cli()

@@ -16,7 +16,6 @@ summary.json holds every run.
 import glob
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 from coreset import get_features, herding_select, random_select
 from data import (DATASETS, TensorLoader, decode_classwise, eval_loader, load_split, to_float)
 from misc.device import autocast, resolve_device, setup_backends
-from misc.utils import Logger, UserError, atomic_write_json, safe_load, save_img, set_seed
+from misc.utils import (Logger, UserError, atomic_write_json, run_main, safe_load, save_img,
+                        set_seed)
 from models import get_model
 from train import (build_model, jsonable_args, load_weights, net_name, summarize, summary_line,
                    train_augment, train_model)
@@ -449,8 +449,4 @@ def main(args):
 
 if __name__ == '__main__':
     from argument import parse_args
-    try:
-        main(parse_args(mode='test'))
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    run_main(main, parse_args(mode='test'))

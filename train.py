@@ -26,7 +26,7 @@ from data import (DATASETS, StreamLoader, TensorLoader, eval_loader, load_split,
 from misc.augment import Compose, DiffAug
 from misc.device import autocast, resolve_device, setup_backends
 from misc.utils import (AverageMeter, Logger, UserError, accuracy, atomic_save, atomic_write_json,
-                        cutmix, safe_load, set_seed)
+                        cutmix, run_main, safe_load, set_seed)
 from models import get_model
 
 NET_NAMES = {'convnet': 'ConvNet', 'resnet': 'ResNet', 'resnet_ap': 'ResNetAP',
@@ -458,8 +458,4 @@ def main(args):
 
 if __name__ == '__main__':
     from argument import parse_args
-    try:
-        main(parse_args(mode='train'))
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    run_main(main, parse_args(mode='train'))

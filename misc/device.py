@@ -1,4 +1,4 @@
-"""Device choice, made once per run and passed down (no `.cuda()` anywhere else)."""
+"""Device choice, made once per run and passed down (no hard-coded device anywhere else)."""
 import contextlib
 
 import torch

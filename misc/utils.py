@@ -262,3 +262,16 @@ class Logger:
             return
         stamped = {'time': datetime.datetime.now().isoformat(timespec='seconds'), **record}
         self._append('metrics.jsonl', json.dumps(_to_json(stamped), allow_nan=False) + '\n')
+
+
+def run_main(main, args):
+    """Run a script's main(args): a UserError becomes one `error: ...` line on stderr and exit
+    code 2 (prefixed with the rank under torchrun)."""
+    try:
+        return main(args)
+    except UserError as e:
+        msg = str(e)
+        if get_world_size() > 1 and not msg.startswith('rank '):
+            msg = f'rank {get_rank()}: {msg}'
+        print(f'error: {msg}', file=sys.stderr, flush=True)
+        sys.exit(2)
