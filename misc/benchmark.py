@@ -145,13 +145,15 @@ def bench_eval(args, device, condenser, val_set, epochs):
     t = time.perf_counter()
     evaluate_data(args, images, targets, val, device, quiet, evaluators=[default_evaluator(args)])
     total = time.perf_counter() - t
-    # evaluate_data validates at epochs // 4 steps and at the end: time one pass to split it
+    # time one validation pass to split the total into training epochs and validations
     from train import build_model, validate
     model = build_model(args).to(device)
     t = time.perf_counter()
     validate(model, val)
     val_s = time.perf_counter() - t
-    n_val = min(epochs, 4)
+    # the schedule of train.train_model: every epochs // 4 epochs and at the last one
+    every = max(1, epochs // 4)
+    n_val = sum(1 for e in range(1, epochs + 1) if e % every == 0 or e == epochs)
     return {'eval_images': len(images), 'eval_epoch_s': (total - n_val * val_s) / epochs,
             'val_pass_s': val_s,
             'eval_1000_epochs_s': 1000 * (total - n_val * val_s) / epochs + 4 * val_s}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: condense real FashionMNIST on the CPU (1 image per class, factor 2, 200 inner
+# `make demo`: condense real FashionMNIST on the CPU (1 image per class, factor 2, 100 inner
 # steps), then evaluate the random selection, the IDC initialization and the condensed data with
 # the paper's protocol (ConvNet-3, DSA, CutMix) and print a table. About 15 minutes on 2 cores.
 set -euo pipefail
@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 stamp() { date +%s; }
 
 t0=$(stamp)
-"$PY" condense.py "${common[@]}" --reproduce --ipc 1 -f 2 --niter 2 --inner_loop 20 --test \
+"$PY" condense.py "${common[@]}" --reproduce --ipc 1 -f 2 --niter 1 --inner_loop 20 --test \
     --save_dir "$OUT/idc" --resume
 t1=$(stamp)
 "$PY" test.py "${common[@]}" -s random --ipc 1 --epochs "$EPOCHS" --save_dir "$OUT/random"
@@ -29,12 +29,12 @@ import json, sys
 out, t_cond, t_rand, t_init, t_idc = sys.argv[1], *map(int, sys.argv[2:])
 rows = [('random selection, ipc 1', 'random', t_rand, 0),
         ('IDC initialization, ipc 1 x f 2', 'init', t_init, 0),
-        ('IDC after 200 inner steps', 'condensed', t_idc, t_cond)]
+        ('IDC after 100 inner steps', 'condensed', t_idc, t_cond)]
 print('\nFashionMNIST, 10 stored images (1 per class), ConvNet-3 evaluation')
 print(f"{'data':34s} {'best acc %':>10s} {'last acc %':>10s} {'eval s':>7s} {'condense s':>10s}")
 for name, folder, t_eval, t_make in rows:
     s = json.load(open(f'{out}/{folder}/summary.json'))
     print(f"{name:34s} {s['best_mean']:10.2f} {s['last_mean']:10.2f} {t_eval:7d} "
           f"{t_make if t_make else '':>10}")
-print(f'\nCondensed images: {out}/idc/img10.png (open it with any image viewer)')
+print(f'\nCondensed images: {out}/idc/img5.png (open it with any image viewer)')
 PYEOF
