@@ -28,9 +28,8 @@ from misc.device import autocast, setup_backends
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
                         get_world_size, is_main_process, run_main, safe_load, save_img,
                         set_seed)
-from models import get_model
 from test import RESNET10_BN, default_evaluator, evaluate_data
-from train import load_weights, rng_state, set_rng_state, train_epoch
+from train import build_model, load_weights, rng_state, set_rng_state, train_epoch
 
 CKPT_NAME = 'checkpoint.pt'
 # Options that may differ between a run and its --resume (they do not change the result).
@@ -165,14 +164,10 @@ def match_loss(model, img_real, img_syn, lab_real, lab_syn, args):
 
 
 # ---------------------------------------------------------------- one outer iteration
-def new_network(args, nclass, device, sampler, aug_net):
+def new_network(args, device, sampler, aug_net):
     """A fresh network for the next `fix_iter` outer iterations, as --pt_from/--early say.
     Under torchrun every rank takes rank 0's network, and --early trains it data-parallel."""
-    model = get_model(args.net_type, nclass, args.nch, args.size, args.depth, args.width,
-                      args.norm_type, args.dataset).to(device)
-    model.train()
-    optim_net = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    model, optim_net = new_network_shell(args, device)
     if args.pt_from >= 0:
         load_weights(model, pretrained_path(args))
     distributed.broadcast_module(model)
@@ -496,7 +491,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
                disable=not is_main_process(), dynamic_ncols=True, file=sys.stderr)
     for it in range(start, n_iter):
         if it % max(1, args.fix_iter) == 0 or model is None:
-            model, optim_net = new_network(args, args.nclass, device, sampler, aug_net)
+            model, optim_net = new_network(args, device, sampler, aug_net)
             matcher = GradMatcher(model, args, compile=args.compile)
         with torch.no_grad():
             synset.data.clamp_(0, 1)
@@ -577,8 +572,7 @@ def rank_rng_state(ckpt, logger):
 
 def new_network_shell(args, device):
     """A network and optimizer to load a checkpointed state into (no pretraining)."""
-    model = get_model(args.net_type, args.nclass, args.nch, args.size, args.depth, args.width,
-                      args.norm_type, args.dataset).to(device)
+    model = build_model(args).to(device)
     model.train()
     optim_net = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

@@ -404,10 +404,7 @@ def save_grid(path, images, targets, dataset):
 
 
 def main(args):
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
+    device = resolve_device(args.device)
     setup_backends(device, args.tf32)
     set_seed(args.seed)
     out, paths = sources(args)

@@ -393,10 +393,7 @@ def main(args):
                         'instead of --repeat')
     args.save_dir = output_dir(args)
     logger = Logger(args.save_dir)
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
+    device = resolve_device(args.device)
     setup_backends(device, args.tf32)
     set_seed(args.seed)
     ctx = autocast(device, args.amp)

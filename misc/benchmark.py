@@ -90,7 +90,7 @@ class Condenser:
         self.aug_net = build_net_aug(args.aug_type, info.mean, info.std, args.mixup_net)
         self.optim_img = torch.optim.SGD([self.synset.data], lr=args.lr_img,
                                          momentum=args.mom_img)
-        self.model, self.optim_net = condense.new_network(args, args.nclass, device,
+        self.model, self.optim_net = condense.new_network(args, device,
                                                           self.sampler, self.aug_net)
         self.matcher = condense.GradMatcher(self.model, args, compile=args.compile)
         self.ctx = autocast(device, args.amp)

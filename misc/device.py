@@ -3,9 +3,12 @@ import contextlib
 
 import torch
 
+from misc.utils import UserError
+
 
 def resolve_device(name='auto'):
-    """'auto' picks cuda, then mps, then cpu; an explicit choice that is unavailable is an error."""
+    """'auto' picks cuda, then mps, then cpu; an explicit choice that is unavailable is a
+    UserError (exit code 2 in the scripts)."""
     if name == 'auto':
         if torch.cuda.is_available():
             return torch.device('cuda')
@@ -13,10 +16,10 @@ def resolve_device(name='auto'):
             return torch.device('mps')
         return torch.device('cpu')
     if name == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError('--device cuda was asked for, but torch sees no CUDA device')
+        raise UserError('--device cuda was asked for, but torch sees no CUDA device')
     if name == 'mps' and not (getattr(torch.backends, 'mps', None) is not None
                               and torch.backends.mps.is_available()):
-        raise RuntimeError('--device mps was asked for, but MPS is not available')
+        raise UserError('--device mps was asked for, but MPS is not available')
     return torch.device(name)
 
 
