@@ -133,8 +133,11 @@ def get_parser():
     a('--match_impl', default='fast', choices=['fast', 'loop'],
       help='fast: per-class gradients, then the per-class SGD steps in closed form (the same '
       'math); loop: the original per-class loop with loss.backward()')
-    a('--compile', action='store_true',
-      help='torch.compile the matching computation (slow first iteration, faster after)')
+    a('--compile', nargs='?', const='on', default='auto', choices=['auto', 'on', 'off'],
+      help='torch.compile the matching and the training steps (the same math; tens of '
+      'seconds of compilation, faster after). auto: on for work of at least 1000 steps (inner '
+      'steps of condense.py, optimizer steps of test.py/train.py) on the CPU or CUDA; a failed '
+      'compilation falls back to eager computation')
     a('--tf32', action='store_true', help='TF32 matrix products and convolutions on CUDA')
     # Test
     a('-s', '--slct_type', default='idc', choices=['idc', 'dsa', 'kip', 'random', 'herding'])
@@ -159,7 +162,7 @@ def explicit_dests(parser, argv):
                 quiet.add_argument(*action.option_strings, action='store_const', const=True,
                                    **kwargs)
             else:
-                quiet.add_argument(*action.option_strings, **kwargs)
+                quiet.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
     known, _ = quiet.parse_known_args(argv)
     return set(vars(known))
 

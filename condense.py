@@ -24,18 +24,19 @@ from data import (DATASETS, ClassSampler, decode, decode_classwise, eval_loader,
                   stream_generator)
 from misc import dist as distributed
 from misc.augment import build_match_aug, build_net_aug
-from misc.device import autocast, setup_backends
+from misc.device import autocast, call_compiled, compiled, setup_backends, want_compile
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
                         get_world_size, is_main_process, run_main, safe_load, save_img,
                         set_seed)
 from test import RESNET10_BN, default_evaluator, evaluate_data
-from train import build_model, load_weights, rng_state, set_rng_state, train_epoch
+from train import (CompiledLoss, build_model, load_weights, rng_state, set_rng_state,
+                   train_epoch)
 
 CKPT_NAME = 'checkpoint.pt'
 # Options that may differ between a run and its --resume (they do not change the result).
 RUN_CONTROL = {'resume', 'device', 'workers', 'verbose', 'print_freq', 'time', 'save_dir',
                'data_dir', 'imagenet_dir', 'download', 'skip_checksum', 'explicit', 'derived',
-               'repeat', 'test'}
+               'repeat', 'test', 'compile'}
 
 
 class Synthesizer:
@@ -285,55 +286,66 @@ class GradMatcher:
     Eager: autograd, asking only for the gradient of the synthetic batch (no second-order
     gradients of the network parameters). compile=True: the same computation written with
     torch.func and compiled by torch.compile, which fuses the element-wise work of the double
-    backward (grad matching on networks without buffers only).
+    backward, with the conv weights in channels_last (grad matching on networks without
+    buffers only). If compilation fails (no C++ compiler, say), `log` says so and the eager
+    computation takes over for the rest of the run.
     """
 
-    def __init__(self, model, args, compile=False):
-        self.model, self.args = model, args
-        self.fn = None
+    def __init__(self, model, args, compile=False, log=None):
+        self.model, self.args, self.log = model, args, log or (lambda msg: None)
+        self.key = None
         if compile and args.match == 'grad' and not list(model.buffers()):
-            self.fn = compiled_class_match(model, args)
+            self.key = compiled_class_match(model, args)
 
     def __call__(self, img_real, img_syn, lab_real, lab_syn):
-        if self.fn is not None:
+        # The real batch shares the augmentation graph of the synthetic one, but its gradient
+        # is a constant of the matching: detached, autograd keeps nothing for it.
+        img_real, img_syn = img_real.detach(), img_syn.detach()
+        if self.key is not None:
             params = {n: p.detach() for n, p in self.model.named_parameters()}
-            return self.fn(params, img_real, lab_real, img_syn.detach(), lab_syn)
-        img_syn = img_syn.detach().requires_grad_()
+            out = call_compiled(self.key, (params, img_real, lab_real, img_syn, lab_syn),
+                                self.log, memory_format=torch.channels_last)
+            if out is not None:
+                return out
+        img_syn.requires_grad_()
         loss = match_loss(self.model, img_real, img_syn, lab_real, lab_syn, self.args)
         (grad, ) = torch.autograd.grad(loss, img_syn)
         return loss.detach(), grad
 
 
-_COMPILED = {}
+def network_compute(model, args, use_compile, log):
+    """(matcher, training loss) of a network: eager, or compiled with torch.compile."""
+    return (GradMatcher(model, args, compile=use_compile, log=log),
+            CompiledLoss(model, log) if use_compile else None)
 
 
 def compiled_class_match(model, args):
-    """torch.compile'd (params, real, real labels, syn, syn labels) -> (loss, d loss / d syn)."""
+    """The compile key of (params, real, real labels, syn, syn labels) -> (loss, d loss / d syn)
+    written with torch.func; one compilation serves every network of the same architecture."""
     from torch.func import functional_call, grad, grad_and_value
     keep = {id(p) for p in matched_params(model, args.bias, args.fc)}
     names = [n for n, p in model.named_parameters() if id(p) in keep]
     metric = args.metric
 
-    def fn(params, img_real, lab_real, img_syn, lab_syn):
-        rest = {n: p for n, p in params.items() if n not in names}
+    def build():
+        def fn(params, img_real, lab_real, img_syn, lab_syn):
+            rest = {n: p for n, p in params.items() if n not in names}
 
-        def ce(matched, x, y):
-            return F.cross_entropy(functional_call(model, {**rest, **matched}, (x, )), y)
+            def ce(matched, x, y):
+                return F.cross_entropy(functional_call(model, {**rest, **matched}, (x, )), y)
 
-        matched = {n: params[n] for n in names}
-        g_real = grad(ce)(matched, img_real, lab_real)
+            matched = {n: params[n] for n in names}
+            g_real = grad(ce)(matched, img_real, lab_real)
 
-        def syn_loss(x):
-            g_syn = grad(ce)(matched, x, lab_syn)
-            return sum(dist(g_real[n], g_syn[n], metric) for n in names)
+            def syn_loss(x):
+                g_syn = grad(ce)(matched, x, lab_syn)
+                return sum(dist(g_real[n], g_syn[n], metric) for n in names)
 
-        g, loss = grad_and_value(syn_loss)(img_syn)
-        return loss, g
+            g, loss = grad_and_value(syn_loss)(img_syn)
+            return loss, g
+        return fn
 
-    key = (type(model), metric, tuple(names))
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False)
-    return _COMPILED[key]
+    return compiled(('match', repr(model), metric, tuple(names)), build)
 
 
 def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx, matcher=None):
@@ -367,7 +379,7 @@ def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx, ma
     return total.item()
 
 
-def net_step(args, sampler, model, optim_net, aug_net, ctx):
+def net_step(args, sampler, model, optim_net, aug_net, ctx, compiled_loss=None):
     """Step 2 of an inner iteration: train the network on n_data real images, net_epoch times.
     Under torchrun data-parallel: every rank draws the same batches, trains on its share of
     each, and the optimizer steps with the whole batch's gradient."""
@@ -375,7 +387,7 @@ def net_step(args, sampler, model, optim_net, aug_net, ctx):
         with distributed.DataParallel(optim_net) as dp:
             train_epoch(model, dp.batches(real_batches(sampler, args.n_data)), optim_net,
                         aug=aug_net, mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p,
-                        ctx=ctx)
+                        ctx=ctx, compiled_loss=compiled_loss)
 
 
 def real_batches(sampler, n_data):
@@ -429,6 +441,8 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
     classes = my_classes(args)
     sampler = ClassSampler(train_set, args.batch_real, device, seed=args.seed)
     ctx = autocast(device, args.amp)
+    steps = args.niter * 100 // args.inner_loop * args.inner_loop
+    use_compile = args.match_impl == 'fast' and want_compile(args.compile, device, steps)
     aug_match = build_match_aug(args.aug_type, info.mean, info.std)
     aug_net = build_net_aug(args.aug_type, info.mean, info.std, args.mixup_net)
 
@@ -460,7 +474,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
             model, optim_net = new_network_shell(args, device)
             model.load_state_dict(ckpt['model'])
             optim_net.load_state_dict(ckpt['optim_net'])
-            matcher = GradMatcher(model, args, compile=args.compile)
+            matcher, net_loss = network_compute(model, args, use_compile, logger)
         logger(f'Resumed from {ckpt_path} at outer iteration {start}/{n_iter}')
     else:
         if args.resume:
@@ -480,6 +494,9 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
         distributed.barrier('the wait for rank 0 to evaluate the initialization')
 
     world = get_world_size()
+    if use_compile:
+        logger(f'Matching compiled with torch.compile (--compile {args.compile}): the first '
+               f'inner step includes the compilation')
     logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
            f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations' +
            (f'; {world} ranks, rank r matches classes r, r+{world}, ... and trains on its share '
@@ -492,7 +509,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
     for it in range(start, n_iter):
         if it % max(1, args.fix_iter) == 0 or model is None:
             model, optim_net = new_network(args, device, sampler, aug_net)
-            matcher = GradMatcher(model, args, compile=args.compile)
+            matcher, net_loss = network_compute(model, args, use_compile, logger)
         with torch.no_grad():
             synset.data.clamp_(0, 1)
         loss_total, t0 = 0.0, time.time()
@@ -504,7 +521,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
                 loss_total += match_step(args, synset, sampler, model, optim_img, aug_match,
                                          gens, ctx, matcher)
             if args.n_data > 0:
-                net_step(args, sampler, model, optim_net, aug_net, ctx)
+                net_step(args, sampler, model, optim_net, aug_net, ctx, net_loss)
             bar.update(1)
             bar.set_postfix(it=it, loss=f'{loss_total:.1f}')
         loss = loss_total / len(classes) / args.inner_loop

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from coreset import get_features, herding_select, random_select
 from data import (DATASETS, TensorLoader, decode_classwise, eval_loader, load_split, to_float)
-from misc.device import autocast, resolve_device, setup_backends
+from misc.device import autocast, resolve_device, setup_backends, want_compile
 from misc.utils import (Logger, UserError, atomic_write_json, run_main, safe_load, save_img,
                         set_seed)
 from models import get_model
@@ -114,7 +114,9 @@ def evaluate_data(args, images, targets, val_loader, device, logger, evaluators=
                               norm_type=ev.norm_type, dataset=args.dataset)
             runs.append(train_model(args, model, loader, val_loader, device, logger, epochs,
                                     aug=aug, num_val=num_val, ctx=ctx,
-                                    desc=f'{prefix}{ev.name} {r + 1}/{repeat}'))
+                                    desc=f'{prefix}{ev.name} {r + 1}/{repeat}',
+                                    compile=want_compile(args.compile, device,
+                                                         epochs * len(loader))))
         result = dict(evaluator=ev.name, **asdict(ev), repeat=repeat, **summarize(runs))
         result['epochs'] = epochs
         logger(f'{prefix}{ev.name} best {result["best_mean"]:.2f} +- {result["best_std"]:.2f}, '

@@ -1,15 +1,24 @@
-"""Speed of condensation and evaluation, measured with the project's own code.
+"""Speed of condensation and evaluation, measured with the project's own code against the
+original's way of computing the same thing.
 
     python misc/benchmark.py --dataset fashion --data_dir /usr/share/datasets/fashion-mnist \
         --ipc 10 --factor 2 --steps 3
 
-Runs one warm-up and --steps timed inner steps of condense.py (matching of every class + the
-network update) for the fast path and for the straightforward per-class loop of the original
-(loss.backward() and one optimizer step per class), then a few epochs of test.py's evaluation
-training on the decoded data, and prints ONE JSON line. FLOPs are counted by
-torch.utils.flop_counter on one inner step (convolutions and matrix products, forward and all
-backward passes); the machine's convolution peak is a 128->128 3x3 convolution (batch 64,
-16x16, channels_last) timed in the same run.
+Prints ONE JSON line. Measured in this process, with the project's defaults (`--reproduce`
+settings, so `--compile auto` compiles):
+- condensation: one warm-up inner step (it includes the compilation: `warmup_s`), then --steps
+  timed inner steps of condense.py (matching of every class + the network update): `step_s`,
+  `match_s`, `net_s`; FLOPs counted by torch's formulas on one inner step (convolutions and
+  matrix products, forward and all backward passes) and the achieved GFLOP/s; the machine's
+  convolution peak (a 128->128 3x3 convolution, batch 64, 16x16, channels_last);
+- `loop_same_process`: the original's per-class loop (`--match_impl loop`) with this
+  process's settings, to separate what the algorithm gains from what the process settings gain;
+- evaluation: test.py's training epochs on the decoded data (ipc --eval_ipc) and one validation
+  pass over the test set; `eval_1000_epochs_s` = compilation + 1000 epochs + 4 validations,
+  the protocol's schedule.
+`reference`: the same measurements (same options, --extra included) in a fresh process run
+the original's way: the per-class loop with loss.backward() and one optimizer step per class,
+eager training, NCHW inference, and the C library's default memory allocator. `speedup` and `eval_speedup` compare with it.
 
 This is an entry-point script: it imports condense.py and test.py (nothing imports it).
 """
@@ -17,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -29,11 +39,13 @@ sys.path.insert(0, ROOT)
 
 import condense  # noqa: E402
 from argument import parse_args  # noqa: E402
-from data import DATASETS, ClassSampler, eval_loader, load_split, stream_generator  # noqa: E402
+from data import DATASETS, ClassSampler, TensorLoader, eval_loader, load_split, stream_generator  # noqa: E402,E501
 from misc.augment import build_match_aug, build_net_aug  # noqa: E402
-from misc.device import autocast, resolve_device, setup_backends  # noqa: E402
-from misc.utils import Logger, set_seed  # noqa: E402
-from test import default_evaluator, evaluate_data  # noqa: E402
+from misc.device import autocast, resolve_device, setup_backends, want_compile  # noqa: E402
+from misc.utils import accuracy, set_seed  # noqa: E402
+from test import eval_epochs  # noqa: E402
+from train import (CompiledLoss, build_model, make_optimizer, train_augment, train_epoch,  # noqa: E402
+                   validate)
 
 
 def sync(device):
@@ -92,7 +104,12 @@ class Condenser:
                                          momentum=args.mom_img)
         self.model, self.optim_net = condense.new_network(args, device,
                                                           self.sampler, self.aug_net)
-        self.matcher = condense.GradMatcher(self.model, args, compile=args.compile)
+        # the decision condense.py makes for a run of these settings
+        steps = args.niter * 100 // args.inner_loop * args.inner_loop
+        use_compile = impl == 'fast' and want_compile(args.compile, device, steps)
+        self.compiled = use_compile
+        self.matcher, self.net_loss = condense.network_compute(self.model, args, use_compile,
+                                                               log=print_err)
         self.ctx = autocast(device, args.amp)
 
     def match(self):
@@ -104,7 +121,7 @@ class Condenser:
 
     def net(self):
         condense.net_step(self.args, self.sampler, self.model, self.optim_net, self.aug_net,
-                          self.ctx)
+                          self.ctx, self.net_loss)
 
     def timed_steps(self, steps):
         match_s = net_s = 0.0
@@ -128,35 +145,92 @@ class Condenser:
         return counter.total
 
 
+def print_err(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
 def bench_condense(args, device, train_set, impl, steps):
     c = Condenser(args, device, train_set, impl)
-    c.timed_steps(1)  # warm-up (and compilation with --compile)
+    t = time.perf_counter()
+    c.timed_steps(1)  # warm-up (and compilation)
+    warmup_s = time.perf_counter() - t
     match_s, net_s = c.timed_steps(steps)
-    return c, {'step_s': match_s + net_s, 'match_s': match_s, 'net_s': net_s}
+    return c, {'step_s': match_s + net_s, 'match_s': match_s, 'net_s': net_s,
+               'warmup_s': warmup_s, 'compiled': c.compiled}
 
 
-def bench_eval(args, device, condenser, val_set, epochs):
-    """Seconds per evaluation epoch (training on the decoded data) and per validation pass."""
-    images, targets = condenser.synset.decoded(bound=args.batch_syn_max)
+@torch.no_grad()
+def plain_validate(model, loader):
+    """Validation the original's way: NCHW, one batch after the other (accuracy only)."""
+    model.eval()
+    for x, y in loader:
+        accuracy(model(x), y, topk=(1, 5))
+
+
+def bench_eval(args, device, images, targets, val_set, epochs, reference):
+    """Seconds per training epoch on `images` (the protocol's augmentation, CutMix, optimizer),
+    per validation pass, and the protocol's 1000 epochs + 4 validations (+ compilation)."""
+    normalize, aug = train_augment(args)
+    loader = TensorLoader(images, targets, args.batch_size, device, normalize, shuffle=True)
     val = eval_loader(val_set, args.dataset, device)
-    quiet = Logger(None, enabled=False)
-    args.epochs = epochs
-    args.repeat = 1
-    t = time.perf_counter()
-    evaluate_data(args, images, targets, val, device, quiet, evaluators=[default_evaluator(args)])
-    total = time.perf_counter() - t
-    # time one validation pass to split the total into training epochs and validations
-    from train import build_model, validate
     model = build_model(args).to(device)
+    optimizer, _ = make_optimizer(args, model, 1000)
+    full = eval_epochs(args)
+    use_compile = not reference and want_compile(args.compile, device, full * len(loader))
+    compiled_loss = CompiledLoss(model, print_err) if use_compile else None
+
+    def run(n):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            train_epoch(model, loader, optimizer, aug=aug, mixup=args.mixup, beta=args.beta,
+                        mix_p=args.mix_p, compiled_loss=compiled_loss)
+        sync(device)
+        return time.perf_counter() - t
+
+    first = run(1)  # warm-up, and compilation
+    epoch_s = run(epochs) / epochs
+    val_fn = plain_validate if reference else validate
+    val_fn(model, val)  # warm-up
+    sync(device)
     t = time.perf_counter()
-    validate(model, val)
+    val_fn(model, val)
+    sync(device)
     val_s = time.perf_counter() - t
-    # the schedule of train.train_model: every epochs // 4 epochs and at the last one
-    every = max(1, epochs // 4)
-    n_val = sum(1 for e in range(1, epochs + 1) if e % every == 0 or e == epochs)
-    return {'eval_images': len(images), 'eval_epoch_s': (total - n_val * val_s) / epochs,
-            'val_pass_s': val_s,
-            'eval_1000_epochs_s': 1000 * (total - n_val * val_s) / epochs + 4 * val_s}
+    compile_s = max(0.0, first - epoch_s) if use_compile else 0.0
+    return {'eval_images': len(images), 'eval_epoch_s': epoch_s, 'val_pass_s': val_s,
+            'eval_compile_s': compile_s, 'eval_compiled': use_compile,
+            f'eval_{full}_epochs_s': compile_s + full * epoch_s + 4 * val_s}
+
+
+def measure(opt, reference):
+    """The figures of one process: ours, or (reference=True) the original's way."""
+    line = (f'-d {opt.dataset} --data_dir {opt.data_dir} --ipc {opt.ipc} -f {opt.factor} '
+            f'--reproduce --device {opt.device} --test {opt.extra}')
+    args = parse_args(line.split(), mode='condense')
+    device = resolve_device(args.device)
+    setup_backends(device, args.tf32, allocator=not reference)
+    train_set = load_split(args, train=True)
+    val_set = load_split(args, train=False)
+
+    out = {'conv_peak_gflops': conv_peak(device)}
+    main_impl = 'loop' if reference else 'fast'
+    cond, res = bench_condense(args, device, train_set, main_impl, opt.steps)
+    out.update(res)
+    flops = cond.flops()
+    out['gflop_per_step'] = flops / 1e9
+    out['gflops'] = flops / 1e9 / res['step_s']
+    if not reference and not opt.skip_loop:
+        _, out['loop_same_process'] = bench_condense(args, device, train_set, 'loop', opt.steps)
+
+    eval_args = parse_args(line.replace(f'--ipc {opt.ipc}', f'--ipc {opt.eval_ipc}').split(),
+                           mode='condense')
+    with contextlib.redirect_stderr(open(os.devnull, 'w')):
+        small = Condenser(eval_args, device, train_set, 'fast' if not reference else 'loop')
+    images, targets = small.synset.decoded(bound=eval_args.batch_syn_max)
+    out.update(bench_eval(eval_args, device, images, targets, val_set, opt.eval_epochs,
+                          reference))
+    return out
 
 
 def main():
@@ -166,40 +240,46 @@ def main():
     p.add_argument('--ipc', type=int, default=10)
     p.add_argument('--factor', type=int, default=2)
     p.add_argument('--steps', type=int, default=3, help='timed inner steps per implementation')
-    p.add_argument('--eval_epochs', type=int, default=20)
+    p.add_argument('--eval_epochs', type=int, default=20, help='timed evaluation epochs')
     p.add_argument('--eval_ipc', type=int, default=1, help='ipc of the evaluated decoded data')
     p.add_argument('--device', default='auto')
-    p.add_argument('--skip_loop', action='store_true', help='do not time the per-class loop')
-    p.add_argument('--extra', default='', help='more condense.py options, e.g. "--compile"')
+    p.add_argument('--skip_loop', action='store_true',
+                   help='do not time the per-class loop in this process')
+    p.add_argument('--skip_reference', action='store_true',
+                   help='do not run the reference process (the original\'s way)')
+    p.add_argument('--reference', action='store_true',
+                   help='measure the original\'s way only (what the reference process runs)')
+    p.add_argument('--extra', default='',
+                   help='more condense.py options, e.g. --extra="--compile off"')
     opt = p.parse_args()
 
-    line = (f'-d {opt.dataset} --data_dir {opt.data_dir} --ipc {opt.ipc} -f {opt.factor} '
-            f'--reproduce --device {opt.device} --test {opt.extra}')
-    args = parse_args(line.split(), mode='condense')
-    device = resolve_device(args.device)
-    setup_backends(device, args.tf32)
-    train_set = load_split(args, train=True)
-    val_set = load_split(args, train=False)
+    out = {'dataset': opt.dataset, 'ipc': opt.ipc, 'factor': opt.factor, 'steps': opt.steps,
+           'eval_ipc': opt.eval_ipc, 'options': opt.extra, 'torch': torch.__version__,
+           'threads': torch.get_num_threads()}
+    out.update(measure(opt, opt.reference))
+    out['device'] = str(resolve_device(opt.device))
+    if not opt.reference and not opt.skip_reference:
+        cmd = [sys.executable, os.path.abspath(__file__), '--reference', '--dataset', opt.dataset,
+               '--data_dir', opt.data_dir, '--ipc', str(opt.ipc), '--factor', str(opt.factor),
+               '--steps', str(opt.steps), '--eval_epochs', str(opt.eval_epochs),
+               '--eval_ipc', str(opt.eval_ipc), '--device', opt.device, f'--extra={opt.extra}']
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f'the reference process failed:\n{r.stderr[-2000:]}')
+        ref = json.loads(r.stdout.strip().splitlines()[-1])
+        out['reference'] = {k: v for k, v in ref.items() if k not in out or out[k] != v}
+        out['speedup'] = ref['step_s'] / out['step_s']
+        key = next(k for k in ref if k.startswith('eval_') and k.endswith('_epochs_s'))
+        out['eval_speedup'] = ref[key] / out[key]
+    print(json.dumps(rounded(out)))
 
-    out = {'dataset': opt.dataset, 'ipc': opt.ipc, 'factor': opt.factor, 'device': str(device),
-           'threads': torch.get_num_threads(), 'torch': torch.__version__,
-           'options': opt.extra, 'steps': opt.steps}
-    out['conv_peak_gflops'] = conv_peak(device)
-    fast, res = bench_condense(args, device, train_set, 'fast', opt.steps)
-    out.update(res)
-    flops = fast.flops()
-    out['gflop_per_step'] = flops / 1e9
-    out['gflops'] = flops / 1e9 / res['step_s']
-    if not opt.skip_loop:
-        _, ref = bench_condense(args, device, train_set, 'loop', opt.steps)
-        out['loop'] = ref
-        out['speedup'] = ref['step_s'] / res['step_s']
-    eval_args = parse_args(line.replace(f'--ipc {opt.ipc}', f'--ipc {opt.eval_ipc}').split(),
-                           mode='condense')
-    with contextlib.redirect_stderr(open(os.devnull, 'w')):
-        ev = Condenser(eval_args, device, train_set, 'fast')
-        out.update(bench_eval(eval_args, device, ev, val_set, opt.eval_epochs))
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
+
+def rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 4)
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    return obj
 
 
 if __name__ == '__main__':

@@ -1,0 +1,203 @@
+"""The speed machinery keeps the math: allocator settings, compiled matching and training
+(against eager), channels_last validation, compilation fallbacks, and the benchmark script."""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import condense
+import misc.device as device_mod
+from argument import parse_args
+from conftest import ROOT
+from misc.device import call_compiled, want_compile
+from models import get_model
+from train import CompiledLoss, train_epoch, validate
+
+CPU = torch.device('cpu')
+
+
+def small_net(seed=0):
+    torch.manual_seed(seed)
+    return get_model('convnet', 10, 1, 28, 3, 0.125)
+
+
+# ---------------------------------------------------------------- allocator
+ALLOC_PROBE = r'''
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+from misc.device import tune_cpu_allocator
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',
+                'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+libc = ctypes.CDLL('libc.so.6')
+libc.mallinfo2.restype = MallInfo2
+applied = tune_cpu_allocator() if sys.argv[2] == 'tune' else None
+import torch
+before = libc.mallinfo2().hblks
+x = torch.ones(64, 128, 32, 32)  # 32 MiB: one activation of a batch of 64
+print(applied, libc.mallinfo2().hblks - before)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+def test_tuned_allocator_serves_large_tensors_from_the_heap():
+    # Without the setting glibc maps a 32 MiB block of its own (a fresh mmap, page faults on
+    # every use); with it the block comes from the heap.
+    def probe(mode):
+        r = subprocess.run([sys.executable, '-c', ALLOC_PROBE, str(ROOT), mode],
+                           capture_output=True, text=True, check=True)
+        return r.stdout.split()
+    assert probe('default') == ['None', '1']
+    assert probe('tune') == ['True', '0']
+
+
+def test_setup_backends_can_leave_the_allocator_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(device_mod, 'tune_cpu_allocator', lambda: calls.append(1))
+    device_mod.setup_backends(CPU, allocator=False)
+    assert calls == []
+    device_mod.setup_backends(CPU)
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------- when to compile
+def test_want_compile_rules():
+    assert want_compile('on', CPU, 1) and not want_compile('off', CPU, 10**6)
+    assert want_compile('auto', CPU, 1000) and not want_compile('auto', CPU, 999)
+    assert want_compile('auto', torch.device('cuda'), 5000)
+    assert not want_compile('auto', torch.device('mps'), 10**6)
+
+
+@pytest.mark.parametrize('argv, compiled', [(['--niter', '10'], True), (['--niter', '9'], False),
+                                            (['--niter', '2000', '--compile', 'off'], False),
+                                            (['--niter', '1', '--compile'], True)])
+def test_condense_compiles_long_runs_by_default(argv, compiled):
+    args = parse_args(['-d', 'fashion', '--ipc', '1', *argv], mode='condense')
+    steps = args.niter * 100 // args.inner_loop * args.inner_loop
+    assert want_compile(args.compile, CPU, steps) is compiled
+
+
+# ---------------------------------------------------------------- compiled = eager
+def _match_args(metric):
+    return SimpleNamespace(match='grad', bias=False, fc=False, metric=metric)
+
+
+@pytest.mark.parametrize('metric', ['mse', 'cos'])
+def test_compiled_matching_equals_eager(metric):
+    model = small_net()
+    g = torch.Generator().manual_seed(1)
+    x_real, x_syn = torch.randn(12, 1, 28, 28, generator=g), torch.randn(8, 1, 28, 28, generator=g)
+    # augmentation outputs: odd strides, and a real batch that carries the syn batch's graph
+    x_real = x_real.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).requires_grad_()
+    y_real, y_syn = torch.full((12, ), 4), torch.full((8, ), 4)
+    eager = condense.GradMatcher(model, _match_args(metric))(x_real, x_syn, y_real, y_syn)
+    matcher = condense.GradMatcher(model, _match_args(metric), compile=True)
+    assert matcher.key is not None
+    for _ in range(2):  # the compiled call, then the cached one
+        loss, grad = matcher(x_real, x_syn, y_real, y_syn)
+        assert loss.item() == pytest.approx(eager[0].item(), rel=1e-4)
+        assert grad.shape == x_syn.shape
+        assert torch.allclose(grad, eager[1], rtol=1e-3, atol=1e-3 * eager[1].abs().max().item())
+
+
+def test_compiled_training_loss_equals_eager():
+    a, b = small_net(), small_net()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(10, (16, ), generator=g))
+               for _ in range(3)]
+    torch.manual_seed(5)  # the CutMix draws
+    ra = train_epoch(a, batches, opt_a, mixup='cut', mix_p=0.5)
+    torch.manual_seed(5)
+    rb = train_epoch(b, batches, opt_b, mixup='cut', mix_p=0.5, compiled_loss=CompiledLoss(b))
+    assert rb['loss'] == pytest.approx(ra['loss'], rel=1e-4)
+    assert rb['top1'] == ra['top1']
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-5)
+        assert pb.grad is not None
+
+
+def test_compiled_loss_skips_networks_with_buffers():
+    net = get_model('convnet', 10, 1, 28, 3, 0.125, norm_type='batch')
+    assert CompiledLoss(net).key is None
+    assert CompiledLoss(net)(net, torch.randn(2, 1, 28, 28), None, None, 1.0) is None
+
+
+def test_a_failed_compilation_falls_back_to_eager_and_says_so_once(monkeypatch):
+    class Boom(Exception):
+        pass
+
+    def broken(*a):
+        raise Boom('no C++ compiler\nmore detail')
+    monkeypatch.setattr(device_mod, '_COMPILED', {})
+    monkeypatch.setattr(device_mod, '_COMPILED_OK', set())
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: broken)
+    said = []
+    model = small_net()
+    matcher = condense.GradMatcher(model, _match_args('mse'), compile=True, log=said.append)
+    x, y = torch.randn(4, 1, 28, 28), torch.full((4, ), 1)
+    eager = condense.GradMatcher(model, _match_args('mse'))(x, x + 1, y, y)
+    for _ in range(2):
+        loss, grad = matcher(x, x + 1, y, y)
+        assert loss.item() == eager[0].item() and torch.equal(grad, eager[1])
+    assert len(said) == 1 and 'Boom: no C++ compiler' in said[0] and 'more detail' not in said[0]
+
+
+def test_call_compiled_passes_standard_strides_and_no_aliases(monkeypatch):
+    seen = []
+
+    def spy(*args):
+        seen.append(args)
+        return 0
+    monkeypatch.setattr(device_mod, '_COMPILED', {'k': spy})
+    x = torch.randn(3, 1, 4, 4).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    y = torch.arange(3)
+    call_compiled('k', (x, y, y, {'w': x}), print)
+    out = seen[0]
+    assert out[0].stride() == (16, 16, 4, 1) and torch.equal(out[0], x)
+    assert out[1] is y and out[2] is not y and torch.equal(out[2], y)
+    assert out[3]['w'] is not out[0] and torch.equal(out[3]['w'], x)
+    call_compiled('k', (x, ), print, memory_format=torch.channels_last)
+    assert seen[1][0].stride() == (16, 1, 4, 1)
+
+
+# ---------------------------------------------------------------- validation
+def test_validate_in_channels_last_equals_nchw_and_restores_the_network():
+    model = small_net()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 1, 28, 28, generator=g), torch.randint(10, (30, ), generator=g)
+    with torch.no_grad():
+        out = model(x)
+    res = validate(model, [(x[:16], y[:16]), (x[16:], y[16:])])
+    ref = torch.nn.functional.cross_entropy(out, y).item()
+    assert res['loss'] == pytest.approx(ref, rel=1e-5)
+    assert res['top1'] == pytest.approx((out.argmax(1) == y).float().mean().item() * 100)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- the benchmark
+def test_benchmark_prints_one_json_line_with_the_reference(fake_fashion):
+    r = subprocess.run([sys.executable, str(ROOT / 'misc' / 'benchmark.py'), '--data_dir',
+                        fake_fashion, '--ipc', '1', '--steps', '1', '--eval_epochs', '1',
+                        '--device', 'cpu', '--extra=--width 0.125 --batch_real 8 --n_data 16'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    for key in ('step_s', 'match_s', 'net_s', 'gflops', 'conv_peak_gflops', 'eval_epoch_s',
+                'val_pass_s', 'eval_1000_epochs_s', 'speedup', 'eval_speedup'):
+        assert out[key] > 0, key
+    assert out['compiled'] is True  # the --reproduce settings: 200,000 inner steps
+    assert out['step_s'] == pytest.approx(out['match_s'] + out['net_s'], rel=1e-3)
+    ref = out['reference']
+    assert ref['compiled'] is False and ref['eval_compiled'] is False
+    assert out['speedup'] == pytest.approx(ref['step_s'] / out['step_s'], rel=1e-2)
+    assert out['loop_same_process']['step_s'] > 0
+    assert out['eval_images'] == 10 * 4  # ipc 1, factor 2
