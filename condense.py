@@ -286,8 +286,9 @@ class GradMatcher:
     Eager: autograd, asking only for the gradient of the synthetic batch (no second-order
     gradients of the network parameters). compile=True: the same computation written with
     torch.func and compiled by torch.compile, which fuses the element-wise work of the double
-    backward, with the conv weights in channels_last (grad matching on networks without
-    buffers only). If compilation fails (no C++ compiler, say), `log` says so and the eager
+    backward (grad matching on networks without buffers only). The tensors stay NCHW: with
+    channels_last the step ran about 20% faster on the CPU here, but its float32 gradients
+    differed from float64 ones by about 2e-3 (NCHW: about 1e-6, as eager). If compilation fails (no C++ compiler, say), `log` says so and the eager
     computation takes over for the rest of the run.
     """
 
@@ -304,7 +305,7 @@ class GradMatcher:
         if self.key is not None:
             params = {n: p.detach() for n, p in self.model.named_parameters()}
             out = call_compiled(self.key, (params, img_real, lab_real, img_syn, lab_syn),
-                                self.log, memory_format=torch.channels_last)
+                                self.log)
             if out is not None:
                 return out
         img_syn.requires_grad_()

@@ -80,6 +80,19 @@ def _shift(x, dx, dy):
     return x_pad.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
+def standard_layout(x):
+    """x with the strides of a new contiguous (NCHW) tensor.
+
+    The gathers and permutes above can leave a 1-channel batch with channel stride 1, which
+    `contiguous()` accepts (the dimension has size 1) but convolutions and norms read as
+    channels_last: on the CPU their float32 double backward then drifted from float64 by up to
+    1e-2 (relative) here, against about 1e-6 in NCHW.
+    """
+    if x.stride() != torch.empty(x.shape, device='meta').stride():
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 class DiffAug:
     """DSA augmentation: flip, colour, ONE geometric op among those listed, then cutout."""
 
@@ -136,7 +149,7 @@ class DiffAug:
             x = self._fns[self.choices[_choose(len(self.choices), generator)]](x, generator)
         if self.cutout:
             x = self.cutout_fn(x, generator)
-        return x.contiguous()
+        return standard_layout(x)
 
     def _n(self, x):
         """Number of parameter draws: one shared, or one per sample."""

@@ -158,3 +158,18 @@ def test_builders():
     # normalization comes first: with identity augmentation the output is just normalized
     plain = build_match_aug('none', mean, std)(x)
     assert torch.allclose(plain, (x - 0.5) / 0.2)
+
+
+def test_augmented_batches_come_out_nchw():
+    # A 1-channel batch with channel stride 1 passes contiguous() but runs through convolutions
+    # as channels_last, whose float32 double backward is far less accurate on the CPU.
+    from misc.augment import DiffAug, standard_layout
+    x = torch.rand(6, 1, 10, 10)
+    for strategy in ('crop', 'translate', 'color_crop_cutout', 'scale', 'rotate', 'flip'):
+        for batch in (True, False):
+            out = DiffAug(strategy, batch=batch)(x, generator=torch.Generator().manual_seed(0))
+            assert out.stride() == (100, 100, 10, 1), strategy
+    odd = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert odd.is_contiguous() and odd.stride() == (100, 1, 10, 1)
+    assert standard_layout(odd).stride() == (100, 100, 10, 1)
+    assert torch.equal(standard_layout(odd), x) and standard_layout(x) is x
