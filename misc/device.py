@@ -95,8 +95,17 @@ def compiled(key, build):
     """Register torch.compile(build()) under `key`, once per process: the compiled function
     takes the parameters as inputs, so every network of the same architecture shares it."""
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(build(), dynamic=False)
+        try:
+            _COMPILED[key] = torch.compile(build(), dynamic=False)
+        except Exception as e:  # noqa: BLE001 -- e.g. a Python version dynamo does not support
+            _COMPILED[key] = _raiser(e)  # reported by the first call_compiled
     return key
+
+
+def _raiser(error):
+    def fn(*args):
+        raise error
+    return fn
 
 
 def call_compiled(key, args, log, memory_format=torch.contiguous_format):

@@ -234,3 +234,16 @@ def test_compiled_match_step_equals_the_per_class_loop(fake_fashion):
     d = (s0 - s1).abs()
     assert d.mean() < 1e-5 and (d > 1e-3).float().mean() < 1e-3
     assert not torch.equal(s1, _state(fake_fashion, 2, 2)['syn'].data)  # S moved
+
+
+def test_a_compiler_that_cannot_even_start_is_reported_at_the_first_call(monkeypatch):
+    def refuse(fn, **kw):
+        raise RuntimeError('Dynamo is not supported on this Python')
+    monkeypatch.setattr(device_mod, '_COMPILED', {})
+    monkeypatch.setattr(device_mod, '_COMPILED_OK', set())
+    monkeypatch.setattr(torch, 'compile', refuse)
+    said = []
+    key = device_mod.compiled('k', lambda: (lambda x: x))
+    assert call_compiled(key, (torch.ones(2), ), said.append) is None
+    assert call_compiled(key, (torch.ones(2), ), said.append) is None
+    assert len(said) == 1 and 'Dynamo is not supported' in said[0]
