@@ -286,10 +286,10 @@ class GradMatcher:
     Eager: autograd, asking only for the gradient of the synthetic batch (no second-order
     gradients of the network parameters). compile=True: the same computation written with
     torch.func and compiled by torch.compile, which fuses the element-wise work of the double
-    backward (grad matching on networks without buffers only). The tensors stay NCHW: with
-    channels_last the step ran about 20% faster on the CPU here, but its float32 gradients
-    differed from float64 ones by about 2e-3 (NCHW: about 1e-6, as eager). If compilation fails (no C++ compiler, say), `log` says so and the eager
-    computation takes over for the rest of the run.
+    backward (grad matching on networks without buffers only). The tensors stay NCHW:
+    channels_last ran about 20% faster on the CPU here, but its float32 double backward drifted
+    from float64 by about 2e-3 (NCHW: about 1e-6). If compilation fails (no C++ compiler, say),
+    `log` says so and the eager computation takes over for the rest of the run.
     """
 
     def __init__(self, model, args, compile=False, log=None):
@@ -496,8 +496,8 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
 
     world = get_world_size()
     if use_compile:
-        logger(f'Matching compiled with torch.compile (--compile {args.compile}): the first '
-               f'inner step includes the compilation')
+        logger(f'Matching and network updates compiled with torch.compile (--compile '
+               f'{args.compile}): the first inner step includes the compilation')
     logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
            f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations' +
            (f'; {world} ranks, rank r matches classes r, r+{world}, ... and trains on its share '

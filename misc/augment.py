@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from misc.device import standard_layout
+
 # Always applied when listed (unless single=True); every other listed name is a candidate of
 # which ONE is picked per call.
 _ALWAYS = ('flip', 'color', 'cutout')
@@ -80,19 +82,6 @@ def _shift(x, dx, dy):
     return x_pad.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
-def standard_layout(x):
-    """x with the strides of a new contiguous (NCHW) tensor.
-
-    The gathers and permutes above can leave a 1-channel batch with channel stride 1, which
-    `contiguous()` accepts (the dimension has size 1) but convolutions and norms read as
-    channels_last: on the CPU their float32 double backward then drifted from float64 by up to
-    1e-2 (relative) here, against about 1e-6 in NCHW.
-    """
-    if x.stride() != torch.empty(x.shape, device='meta').stride():
-        x = x.clone(memory_format=torch.contiguous_format)
-    return x
-
-
 class DiffAug:
     """DSA augmentation: flip, colour, ONE geometric op among those listed, then cutout."""
 
@@ -149,6 +138,9 @@ class DiffAug:
             x = self._fns[self.choices[_choose(len(self.choices), generator)]](x, generator)
         if self.cutout:
             x = self.cutout_fn(x, generator)
+        # NCHW strides: the gathers above can leave a 1-channel batch with channel stride 1,
+        # which convolutions and norms run as channels_last, and on the CPU their float32
+        # double backward then drifted from float64 by up to 1e-2 (relative; NCHW: about 1e-6)
         return standard_layout(x)
 
     def _n(self, x):

@@ -143,9 +143,19 @@ def _plain(a, seen, fmt):
         return {k: _plain(v, seen, fmt) for k, v in a.items()}
     if not isinstance(a, torch.Tensor):
         return a
-    fmt = fmt if a.dim() == 4 else torch.contiguous_format
-    if id(a) in seen or a.stride() != torch.empty(a.shape, device='meta',
-                                                  memory_format=fmt).stride():
-        a = a.clone(memory_format=fmt)
+    a = a.clone() if id(a) in seen else standard_layout(a, fmt if a.dim() == 4 else
+                                                          torch.contiguous_format)
     seen.add(id(a))
     return a
+
+
+def standard_layout(x, memory_format=torch.contiguous_format):
+    """x with the strides a new tensor of `memory_format` has (a copy only where they differ).
+
+    `contiguous()` is not enough: it accepts any stride on a dimension of size 1, so a
+    1-channel batch with channel stride 1 passes, and convolutions and norms then run it as
+    channels_last.
+    """
+    if x.stride() != torch.empty(x.shape, device='meta', memory_format=memory_format).stride():
+        x = x.clone(memory_format=memory_format)
+    return x

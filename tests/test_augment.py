@@ -163,7 +163,7 @@ def test_builders():
 def test_augmented_batches_come_out_nchw():
     # A 1-channel batch with channel stride 1 passes contiguous() but runs through convolutions
     # as channels_last, whose float32 double backward is far less accurate on the CPU.
-    from misc.augment import DiffAug, standard_layout
+    from misc.device import standard_layout
     x = torch.rand(6, 1, 10, 10)
     for strategy in ('crop', 'translate', 'color_crop_cutout', 'scale', 'rotate', 'flip'):
         for batch in (True, False):
