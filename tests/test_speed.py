@@ -96,10 +96,12 @@ def test_compiled_matching_equals_eager(metric):
     y_real, y_syn = torch.full((12, ), 4), torch.full((8, ), 4)
     eager = condense.GradMatcher(model, _match_args(metric))(x_real, x_syn, y_real, y_syn)
     x_real = torch.empty_strided(x_real.shape, (784, 1, 28, 1)).copy_(x_real).requires_grad_()
-    matcher = condense.GradMatcher(model, _match_args(metric), compile=True)
+    said = []  # a compilation failure would fall back to eager and say so here
+    matcher = condense.GradMatcher(model, _match_args(metric), compile=True, log=said.append)
     assert matcher.key is not None
     for _ in range(2):  # the compiled call, then the cached one
         loss, grad = matcher(x_real, x_syn, y_real, y_syn)
+        assert said == []
         assert loss.item() == pytest.approx(eager[0].item(), rel=1e-5)
         assert grad.shape == x_syn.shape
         assert ((grad - eager[1]).norm() / eager[1].norm()).item() < 1e-4
@@ -113,7 +115,10 @@ def test_compiled_matching_is_the_same_math_in_float64():
     y_real, y_syn = torch.full((12, ), 2), torch.full((8, ), 2)
     args = _match_args('l1')
     eager = condense.GradMatcher(model, args)(x_real, x_syn, y_real, y_syn)
-    loss, grad = condense.GradMatcher(model, args, compile=True)(x_real, x_syn, y_real, y_syn)
+    said = []
+    loss, grad = condense.GradMatcher(model, args, compile=True, log=said.append)(
+        x_real, x_syn, y_real, y_syn)
+    assert said == []
     assert loss.item() == pytest.approx(eager[0].item(), rel=1e-10)
     assert torch.allclose(grad, eager[1], rtol=1e-8, atol=1e-10)
 
@@ -128,7 +133,10 @@ def test_compiled_training_loss_equals_eager():
     torch.manual_seed(5)  # the CutMix draws
     ra = train_epoch(a, batches, opt_a, mixup='cut', mix_p=0.5)
     torch.manual_seed(5)
-    rb = train_epoch(b, batches, opt_b, mixup='cut', mix_p=0.5, compiled_loss=CompiledLoss(b))
+    said = []
+    rb = train_epoch(b, batches, opt_b, mixup='cut', mix_p=0.5,
+                     compiled_loss=CompiledLoss(b, said.append))
+    assert said == []
     assert rb['loss'] == pytest.approx(ra['loss'], rel=1e-4)
     assert rb['top1'] == ra['top1']
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -224,9 +232,12 @@ def test_compiled_match_step_equals_the_per_class_loop(fake_fashion):
     for compiled in (False, True):
         st = _state(fake_fashion, 2, 2, metric='mse')
         step = condense.match_step_loop if not compiled else condense.match_step
-        extra = (condense.GradMatcher(st['model'], st['args'], compile=True), ) if compiled else ()
+        said = []
+        extra = (condense.GradMatcher(st['model'], st['args'], compile=True, log=said.append),
+                 ) if compiled else ()
         losses = [step(st['args'], st['syn'], st['sampler'], st['model'], st['opt'], st['aug'],
                        st['gens'], contextlib.nullcontext(), *extra) for _ in range(3)]
+        assert said == []
         runs.append((losses, st['syn'].data.detach().clone()))
     (l0, s0), (l1, s1) = runs
     assert l1 == pytest.approx(l0, rel=1e-5)
