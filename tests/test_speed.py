@@ -2,7 +2,6 @@
 (against eager), channels_last validation, compilation fallbacks, and the benchmark script."""
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
