@@ -314,6 +314,13 @@ class GradMatcher:
         return loss.detach(), grad
 
 
+def compiles(args, device):
+    """Whether this run compiles its matching and network updates (--compile, by the number
+    of inner steps; the literal loop never does)."""
+    steps = args.niter * 100 // args.inner_loop * args.inner_loop
+    return args.match_impl == 'fast' and want_compile(args.compile, device, steps)
+
+
 def network_compute(model, args, use_compile, log):
     """(matcher, training loss) of a network: eager, or compiled with torch.compile."""
     return (GradMatcher(model, args, compile=use_compile, log=log),
@@ -442,8 +449,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
     classes = my_classes(args)
     sampler = ClassSampler(train_set, args.batch_real, device, seed=args.seed)
     ctx = autocast(device, args.amp)
-    steps = args.niter * 100 // args.inner_loop * args.inner_loop
-    use_compile = args.match_impl == 'fast' and want_compile(args.compile, device, steps)
+    use_compile = compiles(args, device)
     aug_match = build_match_aug(args.aug_type, info.mean, info.std)
     aug_net = build_net_aug(args.aug_type, info.mean, info.std, args.mixup_net)
 

@@ -18,7 +18,8 @@ settings, so `--compile auto` compiles):
   the protocol's schedule.
 `reference`: the same measurements (same options, --extra included) in a fresh process run
 the original's way: the per-class loop with loss.backward() and one optimizer step per class,
-eager training, NCHW inference, and the C library's default memory allocator. `speedup` and `eval_speedup` compare with it.
+eager training, NCHW inference, and the C library's default memory allocator. `speedup` and
+`eval_speedup` compare with it.
 
 This is an entry-point script: it imports condense.py and test.py (nothing imports it).
 """
@@ -105,8 +106,7 @@ class Condenser:
         self.model, self.optim_net = condense.new_network(args, device,
                                                           self.sampler, self.aug_net)
         # the decision condense.py makes for a run of these settings
-        steps = args.niter * 100 // args.inner_loop * args.inner_loop
-        use_compile = impl == 'fast' and want_compile(args.compile, device, steps)
+        use_compile = impl == 'fast' and condense.compiles(args, device)
         self.compiled = use_compile
         self.matcher, self.net_loss = condense.network_compute(self.model, args, use_compile,
                                                                log=print_err)
@@ -226,7 +226,7 @@ def measure(opt, reference):
     eval_args = parse_args(line.replace(f'--ipc {opt.ipc}', f'--ipc {opt.eval_ipc}').split(),
                            mode='condense')
     with contextlib.redirect_stderr(open(os.devnull, 'w')):
-        small = Condenser(eval_args, device, train_set, 'fast' if not reference else 'loop')
+        small = Condenser(eval_args, device, train_set, 'loop')  # its initialization only
     images, targets = small.synset.decoded(bound=eval_args.batch_syn_max)
     out.update(bench_eval(eval_args, device, images, targets, val_set, opt.eval_epochs,
                           reference))
