@@ -138,6 +138,12 @@ def get_parser():
       'seconds of compilation, faster after). auto: on for work of at least 1000 steps (inner '
       'steps of condense.py, optimizer steps of test.py/train.py) on the CPU or CUDA; a failed '
       'compilation falls back to eager computation')
+    a('--match_layout', default='channels_last', choices=['channels_last', 'nchw'],
+      help='memory layout of the compiled matching (the same math, other float32 rounding): '
+      'channels_last ran it 17%% faster on the CPU')
+    a('--batch_classes', type=int, default=1,
+      help='classes matched in one batched computation (torch.func.vmap; 0: all). The same '
+      'math; meant for GPUs (on the CPU one class at a time was faster)')
     a('--tf32', action='store_true', help='TF32 matrix products and convolutions on CUDA')
     # Test
     a('-s', '--slct_type', default='idc', choices=['idc', 'dsa', 'kip', 'random', 'herding'])
