@@ -292,6 +292,9 @@ def validate(args, mode, error):
             error(f'--{name} must be at least 1 (got {getattr(args, name)})')
     if args.epochs < 1:
         error(f'--epochs must be at least 1 (got {args.epochs})')
+    if args.batch_classes < 0:
+        error(f'--batch_classes must be 0 (all classes at once) or more (got '
+              f'{args.batch_classes})')
     if args.width <= 0:
         error(f'--width must be positive (got {args.width})')
     if (args.nclass_sub > 0) != (args.phase >= 0):

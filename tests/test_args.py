@@ -129,6 +129,8 @@ def test_test_flag_and_save_dir():
     ('-d fashion --ipc 1 --niter 0', '--niter must be at least 1'),
     ('-d fashion --ipc 1 --inner_loop 0', '--inner_loop must be at least 1'),
     ('-d fashion --ipc 1 --batch_syn_max 0', '--batch_syn_max must be at least 1'),
+    ('-d fashion --ipc 1 --batch_classes -1', '--batch_classes must be 0'),
+    ('-d fashion --ipc 1 --match_layout nhwc', "invalid choice: 'nhwc'"),
     ('-d imagenet --nclass 100 --ipc 1 --nclass_sub 30 --phase 0', 'not a multiple'),
     ('-d imagenet --nclass 100 --ipc 1 --nclass_sub 20', 'go together'),
 ])

@@ -230,6 +230,19 @@ def test_benchmark_prints_one_json_line_with_the_reference(fake_fashion):
     assert out['eval_images'] == 10 * 4  # ipc 1, factor 2
 
 
+def test_precision_script_prints_the_four_ways_against_float64(fake_fashion):
+    r = subprocess.run([sys.executable, str(ROOT / 'misc' / 'precision.py'), '--data_dir',
+                        fake_fashion, '--draws', '2', '--ipc', '2', '--extra=--width 0.125 --batch_real 8'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for way in ('eager_nchw', 'eager_channels_last', 'compiled_nchw', 'compiled_channels_last'):
+        assert len(out[way]['per_draw']) == 2
+        # float32 against float64: small, and not exactly zero for every draw
+        assert 0 < out[way]['max'] < 0.05, (way, out[way])
+        assert out[way]['median'] <= out[way]['max']
+
+
 def _double_state(fake_fashion, **kw):
     """test_condense's matching state in float64: there the comparisons below test the math.
     In float32, the rounding of another kernel (channels_last, vmap) can flip a ReLU of this
