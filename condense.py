@@ -24,7 +24,8 @@ from data import (DATASETS, ClassSampler, decode, decode_classwise, eval_loader,
                   stream_generator)
 from misc import dist as distributed
 from misc.augment import build_match_aug, build_net_aug
-from misc.device import autocast, call_compiled, compiled, setup_backends, want_compile
+from misc.device import (autocast, call_compiled, compiled, setup_backends, to_device,
+                         want_compile)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
                         get_world_size, is_main_process, run_main, safe_load, save_img,
                         set_seed)
@@ -85,7 +86,8 @@ class Synthesizer:
         rows = self.data[s] if rows is None else rows
         data, targets = self.decode(rows, self.targets[s], bound=max_size)
         if len(data) > max_size:
-            keep = torch.randperm(len(data), generator=generator)[:max_size].to(data.device)
+            keep = to_device(torch.randperm(len(data), generator=generator)[:max_size],
+                             data.device)
             data, targets = data[keep], targets[keep]
         return data, targets
 

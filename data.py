@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from misc.augment import Normalize
+from misc.device import to_device
 from misc.utils import UserError
 
 
@@ -352,9 +353,9 @@ class ClassSampler:
     def _fetch(self, idx):
         if self.stream:
             x = torch.stack([self.dataset[i][0] for i in idx.tolist()]).to(self.device)
-        else:
-            x = self.images[idx.to(self.device)]
-        return to_float(x), self.targets[idx.to(self.device)]
+            return to_float(x), self.targets[idx.to(self.device)]
+        idx = to_device(idx, self.device)
+        return to_float(self.images[idx]), self.targets[idx]
 
     def class_sample(self, c, n=None, first=False):
         if c not in self.cls_idx:

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from misc.device import standard_layout
+from misc.device import standard_layout, to_device
 
 # Always applied when listed (unless single=True); every other listed name is a candidate of
 # which ONE is picked per call.
@@ -45,13 +45,13 @@ def _draw_device(x, generator):
 def _uniform(shape, x, generator):
     """U[0, 1) of `shape` on x.device, in x's floating dtype."""
     u = torch.rand(shape, generator=generator, device=_draw_device(x, generator))
-    return u.to(device=x.device, dtype=x.dtype)
+    return to_device(u, x.device).to(x.dtype)
 
 
 def _randint(low, high, shape, x, generator):
     """Integers in [low, high) of `shape` on x.device."""
     r = torch.randint(low, high, shape, generator=generator, device=_draw_device(x, generator))
-    return r.to(x.device)
+    return to_device(r, x.device)
 
 
 def _choose(n, generator):

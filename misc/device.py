@@ -63,6 +63,17 @@ def tune_cpu_allocator():
         bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
+def to_device(t, device):
+    """A CPU tensor (random draws, indices) on `device` without making the host wait for the
+    GPU: a plain copy from pageable memory synchronises with the stream, once per class and per
+    augmentation draw in the matching. CUDA copies go through pinned memory, non-blocking (torch's
+    pinned-memory cache keeps the buffer until the copy is done)."""
+    device = torch.device(device)
+    if device.type == 'cuda' and t.device.type == 'cpu':
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def setup_backends(device, tf32=False, allocator=True):
     """Process-wide speed settings that keep the math: the CPU allocator (tensors are made on
     the CPU on every device; allocator=False leaves the C library's default, as the benchmark's

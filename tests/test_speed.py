@@ -311,3 +311,39 @@ def test_batched_match_step_equals_one_class_at_a_time(fake_fashion, batch_class
     assert l1 == pytest.approx(l0, rel=1e-9)
     assert (s0 - s1).abs().max() < 1e-9
     assert (s1 - _double_state(fake_fashion)['syn'].data).abs().mean() > 1e-4  # S moved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_the_cuda_matching_step_waits_on_the_gpu_once(fake_fashion):
+    # No host synchronisation per class: a matching step of 10 classes (real batches, decoding,
+    # augmentation draws, closed-form steps) waits on the GPU once, for its loss. Not run where
+    # this was written (no GPU there).
+    import warnings
+    from data import DATASETS, ClassSampler, load_split, stream_generator
+    from misc.augment import build_match_aug
+    args = parse_args(f'-d fashion --data_dir {fake_fashion} --ipc 2 -f 2 --device cuda '
+                      f'--batch_real 8 --width 0.125'.split(), mode='condense')
+    dev = torch.device('cuda')
+    sampler = ClassSampler(load_split(args), args.batch_real, dev)
+    syn = condense.Synthesizer(range(10), 2, 1, 28, 2, device=dev)
+    syn.init(sampler, args.init)
+    model = get_model('convnet', 10, 1, 28, 3, 0.125).to(dev)
+    opt = torch.optim.SGD([syn.data], lr=0.1, momentum=args.mom_img)
+    gens = {c: stream_generator(0, 100 + c) for c in range(10)}
+    info = DATASETS['fashion']
+    aug = build_match_aug(args.aug_type, info.mean, info.std)
+
+    def step():
+        return condense.match_step(args, syn, sampler, model, opt, aug, gens,
+                                   contextlib.nullcontext())
+    step()  # warm-up (cuDNN autotuning, pinned-memory cache)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('warn')
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message).lower()]
+    assert len(syncs) <= 1, syncs
