@@ -578,7 +578,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
         with torch.no_grad():
             synset.data.clamp_(0, 1)
         loss_total, t0 = 0.0, time.time()
-        for _ in range(args.inner_loop):
+        for inner in range(args.inner_loop):
             if args.match_impl == 'loop':
                 loss_total += match_step_loop(args, synset, sampler, model, optim_img,
                                               aug_match, gens, ctx)
@@ -588,7 +588,8 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
             if args.n_data > 0:
                 net_step(args, sampler, model, optim_net, aug_net, ctx, net_loss)
             bar.update(1)
-            bar.set_postfix(it=it, loss=f'{loss_total:.1f}')
+            # the mean matching loss per class and inner step so far, as the log line says it
+            bar.set_postfix(it=it, loss=f'{loss_total / len(classes) / (inner + 1):.1f}')
         loss = loss_total / len(classes) / args.inner_loop
         step_s = (time.time() - t0) / args.inner_loop
         if it % it_log == 0:
