@@ -402,7 +402,8 @@ class TensorLoader:
 
     def __iter__(self):
         n = len(self.targets)
-        order = torch.randperm(n, generator=self.g).to(self.device) if self.shuffle else None
+        order = to_device(torch.randperm(n, generator=self.g), self.device) if self.shuffle \
+            else None
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             idx = order[sl] if order is not None else sl

@@ -14,6 +14,7 @@ default.
 This is an entry-point script: it imports condense.py (nothing imports it).
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -63,8 +64,7 @@ def main():
             inputs = condense.class_inputs(args, synset, sampler, c, aug,
                                            stream_generator(draw, c))
         real, syn, lab_real, lab_syn = (t.detach() for t in inputs)
-        model64 = condense.new_network_shell(args, torch.device('cpu'))[0].double()
-        model64.load_state_dict(model.state_dict())
+        model64 = copy.deepcopy(model).double()
         _, g64 = condense.GradMatcher(model64, args)(real.double(), syn.double(), lab_real,
                                                      lab_syn)
 

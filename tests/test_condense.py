@@ -285,21 +285,21 @@ def test_pretrained_networks_are_loaded(fake_fashion, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- fast path = the original's math
-def _state(fake_fashion, ipc, factor, seed=0, **kw):
+def _state(fake_fashion, ipc, factor, seed=0, device='cpu', **kw):
 
     from data import ClassSampler, DATASETS, load_split, stream_generator
     from misc.augment import build_match_aug
     from models import get_model
-    line = (f'-d fashion --data_dir {fake_fashion} --ipc {ipc} -f {factor} --device cpu '
+    line = (f'-d fashion --data_dir {fake_fashion} --ipc {ipc} -f {factor} --device {device} '
             f'--batch_real 8 --width 0.125 --seed {seed}')
     for k, v in kw.items():
         line += f' --{k} {v}'
     args = parse_args(line.split(), mode='condense')
     torch.manual_seed(seed)
-    sampler = ClassSampler(load_split(args), args.batch_real, 'cpu', seed=seed)
-    syn = Synthesizer(range(10), ipc, 1, 28, factor)
+    sampler = ClassSampler(load_split(args), args.batch_real, device, seed=seed)
+    syn = Synthesizer(range(10), ipc, 1, 28, factor, device=device)
     syn.init(sampler, args.init)
-    model = get_model('convnet', 10, 1, 28, 3, 0.125)
+    model = get_model('convnet', 10, 1, 28, 3, 0.125).to(device)
     opt = torch.optim.SGD([syn.data], lr=0.1, momentum=args.mom_img)
     gens = {c: stream_generator(seed, 100 + c) for c in range(10)}
     info = DATASETS['fashion']

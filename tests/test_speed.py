@@ -232,7 +232,8 @@ def test_benchmark_prints_one_json_line_with_the_reference(fake_fashion):
 
 def test_precision_script_prints_the_four_ways_against_float64(fake_fashion):
     r = subprocess.run([sys.executable, str(ROOT / 'misc' / 'precision.py'), '--data_dir',
-                        fake_fashion, '--draws', '2', '--ipc', '2', '--extra=--width 0.125 --batch_real 8'],
+                        fake_fashion, '--draws', '2', '--ipc', '2',
+                        '--extra=--width 0.125 --batch_real 8'],
                        capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -319,23 +320,12 @@ def test_the_cuda_matching_step_waits_on_the_gpu_once(fake_fashion):
     # augmentation draws, closed-form steps) waits on the GPU once, for its loss. Not run where
     # this was written (no GPU there).
     import warnings
-    from data import DATASETS, ClassSampler, load_split, stream_generator
-    from misc.augment import build_match_aug
-    args = parse_args(f'-d fashion --data_dir {fake_fashion} --ipc 2 -f 2 --device cuda '
-                      f'--batch_real 8 --width 0.125'.split(), mode='condense')
-    dev = torch.device('cuda')
-    sampler = ClassSampler(load_split(args), args.batch_real, dev)
-    syn = condense.Synthesizer(range(10), 2, 1, 28, 2, device=dev)
-    syn.init(sampler, args.init)
-    model = get_model('convnet', 10, 1, 28, 3, 0.125).to(dev)
-    opt = torch.optim.SGD([syn.data], lr=0.1, momentum=args.mom_img)
-    gens = {c: stream_generator(0, 100 + c) for c in range(10)}
-    info = DATASETS['fashion']
-    aug = build_match_aug(args.aug_type, info.mean, info.std)
+    from test_condense import _state
+    st = _state(fake_fashion, 2, 2, device='cuda')
 
     def step():
-        return condense.match_step(args, syn, sampler, model, opt, aug, gens,
-                                   contextlib.nullcontext())
+        return condense.match_step(st['args'], st['syn'], st['sampler'], st['model'], st['opt'],
+                                   st['aug'], st['gens'], contextlib.nullcontext())
     step()  # warm-up (cuDNN autotuning, pinned-memory cache)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('warn')
