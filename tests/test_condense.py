@@ -157,9 +157,15 @@ def run(argv, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_end_to_end_then_test_py_evaluates(fake_fashion, tmp_path):
+CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason='needs a CUDA GPU'))
+
+
+@pytest.mark.parametrize('device', ['cpu', CUDA])
+def test_end_to_end_then_test_py_evaluates(fake_fashion, tmp_path, device):
     out = tmp_path / 'run'
-    args = parse_args(cli(fake_fashion, out, '--epochs', '3'), mode='condense')
+    args = parse_args(cli(fake_fashion, out, '--epochs', '3', '--device', device),
+                      mode='condense')
     condense.main(args)
     data, targets = safe_load(out / 'data.pt')
     assert data.shape == (20, 1, 28, 28) and targets.tolist() == sorted([*range(10)] * 2)
@@ -174,7 +180,7 @@ def test_end_to_end_then_test_py_evaluates(fake_fashion, tmp_path):
     from test import main as test_main
     targs = parse_args(['-d', 'fashion', '--data_dir', fake_fashion, '--ipc', '2', '-f', '2',
                         '--data_path', str(out / 'data.pt'), '--epochs', '2', '--width', '0.125',
-                        '--device', 'cpu', '--save_dir', str(tmp_path / 'eval')], mode='test')
+                        '--device', device, '--save_dir', str(tmp_path / 'eval')], mode='test')
     test_main(targs)
     summary = json.load(open(tmp_path / 'eval' / 'summary.json'))
     assert summary['ipc'] == 2 and summary['factor'] == 2

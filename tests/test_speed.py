@@ -262,12 +262,17 @@ def _steps(step, st, *extra):
                  st['gens'], contextlib.nullcontext(), *extra) for _ in range(3)]
 
 
-def test_compiled_match_step_equals_the_per_class_loop(fake_fashion):
+CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason='needs a CUDA GPU'))
+
+
+@pytest.mark.parametrize('device', ['cpu', CUDA])
+def test_compiled_match_step_equals_the_per_class_loop(fake_fashion, device):
     # The whole default step (compiled matching, closed-form momentum steps) against the
     # original's loop, for the same draws.
     runs = []
     for compiled in (False, True):
-        st = _double_state(fake_fashion)
+        st = _double_state(fake_fashion, device=device)
         said = []
         extra = (condense.GradMatcher(st['model'], st['args'], compile=True, log=said.append),
                  ) if compiled else ()
@@ -278,7 +283,7 @@ def test_compiled_match_step_equals_the_per_class_loop(fake_fashion):
     (l0, s0), (l1, s1) = runs
     assert l1 == pytest.approx(l0, rel=1e-6)  # match_step sums the losses in float32
     assert (s0 - s1).abs().max() < 1e-9
-    assert (s1 - _double_state(fake_fashion)['syn'].data).abs().mean() > 1e-4  # S moved
+    assert (s1 - _double_state(fake_fashion, device=device)['syn'].data).abs().mean() > 1e-4
 
 
 def test_a_compiler_that_cannot_even_start_is_reported_at_the_first_call(monkeypatch):
@@ -294,13 +299,16 @@ def test_a_compiler_that_cannot_even_start_is_reported_at_the_first_call(monkeyp
     assert len(said) == 1 and 'Dynamo is not supported' in said[0]
 
 
-@pytest.mark.parametrize('batch_classes, compiled', [(0, False), (4, False), (0, True)])
-def test_batched_match_step_equals_one_class_at_a_time(fake_fashion, batch_classes, compiled):
+@pytest.mark.parametrize('batch_classes, compiled, device', [
+    (0, False, 'cpu'), (4, False, 'cpu'), (0, True, 'cpu'),
+    *[pytest.param(*p, marks=CUDA.marks) for p in ((0, False, 'cuda'), (0, True, 'cuda'))]])
+def test_batched_match_step_equals_one_class_at_a_time(fake_fashion, batch_classes, compiled,
+                                                       device):
     # --batch_classes: the classes' matchings vmapped into one computation (0: all 10; 4: groups
     # of 4, 4 and 2), for the same draws, give the same losses and the same update of S.
     runs = []
     for n in (1, batch_classes):
-        st = _double_state(fake_fashion, batch_classes=n)
+        st = _double_state(fake_fashion, batch_classes=n, device=device)
         said = []
         matcher = condense.GradMatcher(st['model'], st['args'], compile=compiled and n != 1,
                                        log=said.append)
@@ -311,21 +319,41 @@ def test_batched_match_step_equals_one_class_at_a_time(fake_fashion, batch_class
     (l0, s0), (l1, s1) = runs
     assert l1 == pytest.approx(l0, rel=1e-9)
     assert (s0 - s1).abs().max() < 1e-9
-    assert (s1 - _double_state(fake_fashion)['syn'].data).abs().mean() > 1e-4  # S moved
+    assert (s1 - _double_state(fake_fashion, device=device)['syn'].data).abs().mean() > 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-def test_the_cuda_matching_step_waits_on_the_gpu_once(fake_fashion):
+@pytest.mark.parametrize('batch_classes, compiled', [(1, False), (1, True), (0, True)])
+def test_the_cuda_match_step_equals_the_cpu_one(fake_fashion, batch_classes, compiled):
+    # The random draws stay on the CPU, so the GPU sees the same batches and augmentations:
+    # in float64 the two devices give the same losses and the same update of S.
+    runs = []
+    for device in ('cpu', 'cuda'):
+        st = _double_state(fake_fashion, batch_classes=batch_classes, device=device)
+        said = []
+        matcher = condense.GradMatcher(st['model'], st['args'], compile=compiled,
+                                       log=said.append)
+        losses = _steps(condense.match_step, st, matcher)
+        assert said == []
+        runs.append((losses, st['syn'].data.detach().cpu()))
+    (l0, s0), (l1, s1) = runs
+    assert l1 == pytest.approx(l0, rel=1e-9)
+    assert (s0 - s1).abs().max() < 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('batch_classes, compiled', [(1, False), (1, True), (0, True)])
+def test_the_cuda_matching_step_waits_on_the_gpu_once(fake_fashion, batch_classes, compiled):
     # No host synchronisation per class: a matching step of 10 classes (real batches, decoding,
-    # augmentation draws, closed-form steps) waits on the GPU once, for its loss. Not run where
-    # this was written (no GPU there).
+    # augmentation draws, closed-form steps) waits on the GPU once, for its loss.
     import warnings
     from test_condense import _state
-    st = _state(fake_fashion, 2, 2, device='cuda')
+    st = _state(fake_fashion, 2, 2, device='cuda', batch_classes=batch_classes)
+    matcher = condense.GradMatcher(st['model'], st['args'], compile=compiled, log=print)
 
     def step():
         return condense.match_step(st['args'], st['syn'], st['sampler'], st['model'], st['opt'],
-                                   st['aug'], st['gens'], contextlib.nullcontext())
+                                   st['aug'], st['gens'], contextlib.nullcontext(), matcher)
     step()  # warm-up (cuDNN autotuning, pinned-memory cache)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('warn')
