@@ -24,11 +24,10 @@ from data import (DATASETS, ClassSampler, decode, decode_classwise, eval_loader,
                   stream_generator)
 from misc import dist as distributed
 from misc.augment import build_match_aug, build_net_aug
-from misc.device import (autocast, call_compiled, compiled, setup_backends, to_device,
-                         want_compile)
+from misc.device import autocast, call_compiled, compiled, setup_backends, want_compile
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
                         get_world_size, is_main_process, run_main, safe_load, save_img,
-                        set_seed)
+                        set_seed, to_device)
 from test import RESNET10_BN, default_evaluator, evaluate_data
 from train import (CompiledLoss, build_model, load_weights, rng_state, set_rng_state,
                    train_epoch)
@@ -296,14 +295,18 @@ class GradMatcher:
 
     --batch_classes N (N != 1) matches N classes (0: all) in one computation: the torch.func
     function vmapped over classes (compiled or not), for GPUs, which a single class leaves
-    mostly idle. Same math; networks with buffers or feature matching stay per class.
+    mostly idle (the default on CUDA: all classes). Same math; networks with buffers or feature
+    matching stay per class.
     """
 
     def __init__(self, model, args, compile=False, log=None):
         self.model, self.args, self.log = model, args, log or (lambda msg: None)
         functional = args.match == 'grad' and not list(model.buffers())
         self.key = self.batched_key = self.batched = None
-        self.per_call = args.batch_classes if functional else 1
+        per_call = args.batch_classes
+        if per_call is None:  # the default: all classes at once on CUDA, one at a time elsewhere
+            per_call = 0 if next(model.parameters()).device.type == 'cuda' else 1
+        self.per_call = per_call if functional else 1
         if compile and functional:
             self.key = compiled_class_match(model, args)
         if self.per_call != 1:
@@ -351,16 +354,19 @@ class GradMatcher:
 
 
 def compiles(args, device):
-    """Whether this run compiles its matching and network updates (--compile, by the number
+    """(matching, network updates): whether this run compiles each (--compile, by the number
     of inner steps; the literal loop never does)."""
     steps = args.niter * 100 // args.inner_loop * args.inner_loop
-    return args.match_impl == 'fast' and want_compile(args.compile, device, steps)
+    fast = args.match_impl == 'fast'
+    return (fast and want_compile(args.compile, device, steps),
+            fast and want_compile(args.compile, device, steps, 'training'))
 
 
 def network_compute(model, args, use_compile, log):
-    """(matcher, training loss) of a network: eager, or compiled with torch.compile."""
-    return (GradMatcher(model, args, compile=use_compile, log=log),
-            CompiledLoss(model, log) if use_compile else None)
+    """(matcher, training loss) of a network: eager, or compiled with torch.compile, as
+    `use_compile` (matching, network updates) says."""
+    return (GradMatcher(model, args, compile=use_compile[0], log=log),
+            CompiledLoss(model, log) if use_compile[1] else None)
 
 
 def matched_names(model, args):
@@ -559,9 +565,11 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
         distributed.barrier('the wait for rank 0 to evaluate the initialization')
 
     world = get_world_size()
-    if use_compile:
-        logger(f'Matching and network updates compiled with torch.compile (--compile '
-               f'{args.compile}): the first inner step includes the compilation')
+    if any(use_compile):
+        what = {(True, True): 'Matching and network updates', (True, False): 'Matching',
+                (False, True): 'Network updates'}[use_compile]
+        logger(f'{what} compiled with torch.compile (--compile {args.compile}): the first '
+               f'inner step includes the compilation')
     logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
            f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations' +
            (f'; {world} ranks, rank r matches classes r, r+{world}, ... and trains on its share '

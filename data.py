@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from misc.augment import Normalize
-from misc.device import to_device
-from misc.utils import UserError
+from misc.utils import UserError, to_device
 
 
 @dataclass(frozen=True)
@@ -286,8 +285,10 @@ def read_image(path, size):
 
 # ---------------------------------------------------------------- sampling and loading
 def to_float(x):
-    """uint8 images -> float in [0, 1]; float images pass through."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    """uint8 images -> float in [0, 1]; float images pass through. A product with the float32
+    1/255 gives the same values on every device (CUDA computes a division by a scalar as that
+    product, the CPU divides, and the two differ by an ulp for half of the 256 values)."""
+    return x.float().mul_(1 / 255) if x.dtype == torch.uint8 else x.float()
 
 
 def normalizer(dataset):

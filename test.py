@@ -116,7 +116,7 @@ def evaluate_data(args, images, targets, val_loader, device, logger, evaluators=
                                     aug=aug, num_val=num_val, ctx=ctx,
                                     desc=f'{prefix}{ev.name} {r + 1}/{repeat}',
                                     compile=want_compile(args.compile, device,
-                                                         epochs * len(loader))))
+                                                         epochs * len(loader), 'training')))
         result = dict(evaluator=ev.name, **asdict(ev), repeat=repeat, **summarize(runs))
         result['epochs'] = epochs
         logger(f'{prefix}{ev.name} best {result["best_mean"]:.2f} +- {result["best_std"]:.2f}, '

@@ -19,7 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from misc.device import standard_layout, to_device
+from misc.device import standard_layout
+from misc.utils import to_device
 
 # Always applied when listed (unless single=True); every other listed name is a candidate of
 # which ONE is picked per call.

@@ -50,40 +50,33 @@ def is_main_process():
 # Metrics
 
 
-class AverageMeter:
-    """Running value, sum, count and average of a metric."""
-
-    def __init__(self, name='', fmt=':f'):
-        self.name = name
-        self.fmt = fmt
-        self.reset()
-
-    def reset(self):
-        self.val = 0
-        self.avg = 0
-        self.sum = 0
-        self.count = 0
-
-    def update(self, val, n=1):
-        self.val = val
-        self.sum += val * n
-        self.count += n
-        self.avg = self.sum / self.count
-
-    def __str__(self):
-        return ('{name} {val' + self.fmt + '} ({avg' + self.fmt + '})').format(**self.__dict__)
-
-
 def accuracy(output, target, topk=(1,)):
     """Top-k accuracies in percent (python floats) of logits `output` (N, K) for `target` (N,).
 
     k larger than the number of classes counts every sample as correct (instead of failing).
     """
+    n = max(target.shape[0], 1)
+    return [c * 100.0 / n for c in topk_correct(output, target, topk).tolist()]
+
+
+def topk_correct(output, target, topk=(1,)):
+    """How many samples have their target among the top k logits, for each k: one float tensor
+    on output's device, so that a training loop can sum it without waiting for the GPU."""
     maxk = min(max(topk), output.shape[1])
     _, pred = output.topk(maxk, 1, True, True)  # (N, maxk)
     correct = pred.eq(target.reshape(-1, 1))  # (N, maxk)
-    n = max(target.shape[0], 1)
-    return [correct[:, :min(k, maxk)].any(1).float().sum().item() * 100.0 / n for k in topk]
+    return torch.stack([correct[:, :min(k, maxk)].any(1).sum() for k in topk]).float()
+
+
+def to_device(t, device):
+    """A CPU tensor (random draws, indices) on `device` without making the host wait for the
+    GPU: a plain copy from pageable memory synchronises with the stream, once per class and per
+    augmentation draw in the matching. CUDA copies go through pinned memory, non-blocking (torch's
+    pinned-memory cache keeps the buffer until the copy is done)."""
+    device = torch.device(device)
+    if device.type == 'cuda' and t.device.type == 'cpu':
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def cutmix(input, target, beta, generator=None):
     """
     lam = _sample_beta(beta, generator)
     perm = torch.randperm(input.shape[0], generator=generator, device=_gen_device(generator))
-    perm = perm.to(input.device)
+    perm = to_device(perm, input.device)
     bbx1, bby1, bbx2, bby2 = rand_bbox(input.shape, lam, generator)
     mixed = input.clone()
     mixed[:, :, bbx1:bbx2, bby1:bby2] = input[perm, :, bbx1:bbx2, bby1:bby2]

@@ -118,7 +118,7 @@ def test_class_sampler(fake_root):
     assert 0 <= x.min() and x.max() <= 1
     first, _ = s.class_sample(3, 5, first=True)
     idx = (d.targets == 3).nonzero().flatten()[:5]
-    assert torch.equal(first, d.images[idx].float() / 255)
+    assert torch.equal(first, d.images[idx].float() * (1 / 255))
     # per class, random batches do not repeat an image before the class is used up (20 images)
     seen = torch.cat([s.class_sample(5)[0] for _ in range(2)])
     assert len(torch.unique(seen.flatten(1), dim=0)) == 16
@@ -138,7 +138,7 @@ def test_tensor_loader_normalizes_and_covers_all(fake_root):
     xs, ys = zip(*loader)
     assert sum(len(y) for y in ys) == 50 and len(loader) == 4
     x = torch.cat(xs)
-    ref = (d.images.float() / 255 - 0.2861) / 0.3530
+    ref = (d.images.float() * (1 / 255) - 0.2861) / 0.3530
     assert torch.allclose(x, ref, atol=1e-6)
     t = TensorLoader(d.images, d.targets, 16, 'cpu', shuffle=True, drop_last=True, seed=1)
     assert len(list(t)) == 3

@@ -154,11 +154,11 @@ def test_random_takes_first_images_or_a_seeded_draw(fake_fashion, tmp_path, monk
     real = load_split(a, train=True)
     evaltest.main(a)
     first = torch.cat([(real.targets == c).nonzero().flatten()[:3] for c in range(10)])
-    assert torch.equal(captured['images'], real.images[first].float() / 255)
+    assert torch.equal(captured['images'], real.images[first].float() * (1 / 255))
     assert torch.equal(captured['targets'], real.targets[first])
     assert (tmp_path / 'results/fashion/conv3in_w0.125_rand3/summary.json').is_file()
     evaltest.main(targs(fake_fashion, '-s', 'random', '--ipc', '3', '--seed', '0'))
-    assert not torch.equal(captured['images'], real.images[first].float() / 255)
+    assert not torch.equal(captured['images'], real.images[first].float() * (1 / 255))
     assert torch.equal(captured['targets'], real.targets[first])  # still class-major
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from misc import utils
-from misc.utils import (AverageMeter, Logger, UserError, accuracy, atomic_save, atomic_write_json,
+from misc.utils import (Logger, UserError, accuracy, atomic_save, atomic_write_json,
                         atomic_write_text, cutmix, rand_bbox, safe_load, save_img, set_seed)
 
 
@@ -32,14 +32,6 @@ def test_set_seed_reproducible():
 def test_distributed_defaults():
     assert not utils.is_dist()
     assert utils.get_rank() == 0 and utils.get_world_size() == 1 and utils.is_main_process()
-
-
-def test_average_meter():
-    m = AverageMeter('loss', ':.2f')
-    m.update(1.0, n=1)
-    m.update(4.0, n=3)
-    assert m.sum == 13.0 and m.count == 4 and m.avg == pytest.approx(3.25)
-    assert str(m) == 'loss 4.00 (3.25)'
 
 
 def test_accuracy_hand_made():
