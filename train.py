@@ -121,9 +121,17 @@ def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, 
     """
     model.train()
     # The epoch's sums (loss x samples, top-1 and top-5 hits) and its first non-finite loss stay
-    # on the device; the host reads them at the end of the epoch (and every 20 batches for a
-    # progress bar). Reading them per batch would make the host wait for the GPU at every batch.
+    # on the device; the host reads them every 20 batches and at the end of the epoch. Reading
+    # them per batch would make the host wait for the GPU at every batch.
     sums, last, seen = None, None, 0
+
+    def read():
+        total, top1, top5, bad = torch.cat([sums, last.view(1)]).tolist()
+        if not math.isfinite(bad):
+            raise UserError(f'training loss became {bad} within {seen} samples of this epoch; '
+                            f'lower --lr or check the training images')
+        return dict(loss=total / seen, top1=top1 * 100 / seen, top5=top5 * 100 / seen)
+
     for i, (x, y) in enumerate(batches):
         if aug is not None:
             with torch.no_grad():
@@ -154,21 +162,16 @@ def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, 
         # the latest loss until one is not finite, then that one
         last = loss if last is None else torch.where(torch.isfinite(last), loss, last)
         seen += n
+        if (i + 1) % 20 == 0:
+            so_far = read()
+            if progress is not None:
+                progress.set_postfix(loss=f"{so_far['loss']:.3f}", top1=f"{so_far['top1']:.1f}",
+                                     refresh=False)
         if progress is not None:
             progress.update(1)
-            if (i + 1) % 20 == 0:
-                s = sums.tolist()
-                progress.set_postfix(loss=f'{s[0] / seen:.3f}', top1=f'{s[1] * 100 / seen:.1f}',
-                                     refresh=False)
         if n_data is not None and seen >= n_data:
             break
-    if sums is None:
-        return dict(loss=0.0, top1=0.0, top5=0.0)
-    total, top1, top5, last = torch.cat([sums, last.view(1)]).tolist()
-    if not math.isfinite(last):
-        raise UserError(f'training loss became {last} in an epoch of {seen} samples; lower --lr '
-                        f'or check the training images')
-    return dict(loss=total / seen, top1=top1 * 100 / seen, top5=top5 * 100 / seen)
+    return read() if sums is not None else dict(loss=0.0, top1=0.0, top5=0.0)
 
 
 @torch.no_grad()

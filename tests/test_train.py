@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import train
 from argument import parse_args
@@ -247,3 +248,35 @@ def test_cli_errors_exit_2(tmp_path):
                         'cpu'], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith('error: FashionMNIST not found') and 'Traceback' not in r.stderr
+
+
+def test_train_epoch_reports_the_sample_weighted_means():
+    # the sums are kept on the device and read once: the same means as batch by batch
+    torch.manual_seed(0)
+    model = tiny_convnet()
+    opt = torch.optim.SGD(model.parameters(), 0.0)  # the network stays as it is
+    batches = [(torch.rand(n, 1, 28, 28), torch.randint(10, (n, ))) for n in (5, 3, 8)]
+    out = train.train_epoch(model, batches, opt)
+    model.train()
+    with torch.no_grad():
+        logits = [model(x) for x, _ in batches]
+    ys = torch.cat([y for _, y in batches])
+    loss = sum(F.cross_entropy(lg, y) * len(y) for lg, (_, y) in zip(logits, batches)) / len(ys)
+    top1 = (torch.cat(logits).argmax(1) == ys).float().mean() * 100
+    assert out['loss'] == pytest.approx(loss.item(), rel=1e-5)
+    assert out['top1'] == pytest.approx(top1.item())
+
+
+def test_a_nan_loss_stops_the_epoch_within_20_batches():
+    model = tiny_convnet()
+    opt = torch.optim.SGD(model.parameters(), 0.01)
+    drawn = []
+
+    def batches():
+        for i in range(100):
+            drawn.append(i)
+            x = torch.full((2, 1, 28, 28), float('nan') if i == 3 else 0.5)
+            yield x, torch.zeros(2, dtype=torch.long)
+    with pytest.raises(UserError, match='loss became nan'):
+        train.train_epoch(model, batches(), opt)
+    assert len(drawn) == 20
