@@ -1,0 +1,81 @@
+#!/bin/bash
+# The checks a session with a GPU runs, in one time-boxed script (no step outlives BUDGET):
+#   1. the CUDA tests (pytest -k cuda; skipped on machines without a GPU);
+#   2. misc/benchmark.py on CUDA with the defaults and the original's way as reference, then with
+#      --compile on (the training steps compiled too), to check the CUDA defaults;
+#   3. condense.py --reproduce -d fashion -f 2 --ipc 10 in OUT/idc for the time left but
+#      EVAL_S, resumed when OUT/idc holds a checkpoint (carry the folder between sessions);
+#   4. test.py on the last checkpoint's images (--repeat 2).
+# Everything lands in OUT: log.txt (what ran, when, the key lines), bench.jsonl, tests.log, idc/.
+#
+#   OUT=gpu_out BUDGET=570 F=/usr/share/datasets/fashion-mnist bash misc/gpu_check.sh
+#
+# On a lent machine whose output folder takes few files, run it into another folder and pack it:
+#   OUT=/tmp/gc F=... bash misc/gpu_check.sh; tar czf "$OUT/gpu_check.tgz" -C /tmp/gc .
+#
+# Options by environment: PY (python3), DEV (cuda), EVAL_S (150), STEPS (10, benchmark steps).
+set -u
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}; DEV=${DEV:-cuda}; BUDGET=${BUDGET:-570}; EVAL_S=${EVAL_S:-150}
+STEPS=${STEPS:-10}; F=${F:-/usr/share/datasets/fashion-mnist}; OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"; L=$OUT/log.txt
+T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$L"; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# at most $1 seconds, within the time left (less $2: what later steps keep for themselves)
+cap() {
+    local t=$1 l=$(( $(left) - ${2:-0} ))
+    [ "$t" -gt "$l" ] && t=$l; [ "$t" -lt 1 ] && t=1; echo "$t"
+}
+
+el "start: device $DEV, budget ${BUDGET}s"
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader
+  $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+} >>"$L" 2>&1
+
+PT=(-q -rfE --tb=short)
+$PY -c "import pytest_timeout" 2>/dev/null && PT+=(--timeout 120)
+el "CUDA tests"
+IDC_FASHION_DIR=$F timeout "$(cap 150 "$EVAL_S")" $PY -m pytest "${PT[@]}" tests -k cuda >"$OUT/tests.log" 2>&1
+el "CUDA tests: rc $? ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))"
+
+el "benchmark: defaults, with the reference"
+timeout "$(cap 150 "$EVAL_S")" $PY misc/benchmark.py --data_dir "$F" --device "$DEV" --steps "$STEPS" \
+    --eval_epochs 30 --skip_loop >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err"
+el "benchmark: rc $?"
+el "benchmark: --compile on"
+timeout "$(cap 120 "$EVAL_S")" $PY misc/benchmark.py --data_dir "$F" --device "$DEV" --steps "$STEPS" \
+    --eval_epochs 30 --skip_loop --skip_reference "--extra=--compile on" \
+    >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err"
+el "benchmark: rc $?"
+
+CT=$(( $(left) - EVAL_S ))
+if [ "$CT" -gt 60 ]; then
+    el "condensation for at most ${CT}s"
+    timeout -s INT "$CT" $PY condense.py --reproduce -d fashion -f 2 --ipc 10 --data_dir "$F" \
+        --device "$DEV" --test --resume --save_dir "$OUT/idc" >"$OUT/condense.log" 2>&1
+    el "condensation: rc $? (124: stopped by its time limit; --resume continues it)"
+else
+    el "no time left for the condensation"
+fi
+if [ -f "$OUT/idc/checkpoint.pt" ]; then
+    $PY - "$OUT/idc" >>"$L" 2>&1 <<'EOF'
+import sys
+import torch
+folder = sys.argv[1]
+ckpt = torch.load(f'{folder}/checkpoint.pt', weights_only=True)
+data, targets = torch.load(f'{folder}/init.pt', weights_only=True)
+torch.save([ckpt['data'], targets], f'{folder}/last.pt')
+steps = ckpt['it'] * ckpt['config']['inner_loop']
+print(f"checkpoint at outer iteration {ckpt['it']} ({steps} inner steps); "
+      f"mean |S - init| {(ckpt['data'] - data).abs().mean().item():.4f}")
+EOF
+    el "evaluation of the last checkpoint"
+    timeout "$(cap "$EVAL_S")" $PY test.py -d fashion -f 2 --ipc 10 --data_path "$OUT/idc/last.pt" \
+        --repeat 2 --data_dir "$F" --device "$DEV" --save_dir "$OUT/eval" >"$OUT/eval.log" 2>&1
+    el "evaluation: rc $?"
+    grep -E "best .* last" "$OUT/eval.log" | tail -1 >>"$L"
+fi
+el end
