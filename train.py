@@ -126,11 +126,11 @@ def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, 
     sums, last, seen = None, None, 0
 
     def read():
-        total, top1, top5, bad = torch.cat([sums, last.view(1)]).tolist()
+        *totals, bad = torch.cat([sums, last.view(1)]).tolist()
         if not math.isfinite(bad):
             raise UserError(f'training loss became {bad} within {seen} samples of this epoch; '
                             f'lower --lr or check the training images')
-        return dict(loss=total / seen, top1=top1 * 100 / seen, top5=top5 * 100 / seen)
+        return sample_means(totals, seen)
 
     for i, (x, y) in enumerate(batches):
         if aug is not None:
@@ -155,13 +155,12 @@ def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, 
         loss.backward()
         optimizer.step()
 
-        n = len(y)
-        loss = loss.detach().float()
-        row = torch.cat([(loss * n).view(1), topk_correct(out.detach().float(), y, (1, 5))])
+        row = batch_sums(loss, out, y)
         sums = row if sums is None else sums + row
         # the latest loss until one is not finite, then that one
+        loss = loss.detach().float()
         last = loss if last is None else torch.where(torch.isfinite(last), loss, last)
-        seen += n
+        seen += len(y)
         if (i + 1) % 20 == 0:
             so_far = read()
             if progress is not None:
@@ -192,17 +191,27 @@ def validate(model, loader, ctx=None):
             with ctx or contextlib.nullcontext():
                 out = model(x)
             out = out.float()
-            n = len(y)
-            row = torch.cat([(F.cross_entropy(out, y) * n).view(1),
-                             topk_correct(out, y, (1, 5))])
+            row = batch_sums(F.cross_entropy(out, y), out, y)
             sums = row if sums is None else sums + row
-            seen += n
+            seen += len(y)
     finally:
         if on_cpu:
             model.to(memory_format=torch.contiguous_format)
-    loss, top1, top5 = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
-    seen = max(seen, 1)
-    return dict(top1=top1 * 100 / seen, top5=top5 * 100 / seen, loss=loss / seen)
+    return sample_means(sums.tolist(), seen) if sums is not None else \
+        dict(loss=0.0, top1=0.0, top5=0.0)
+
+
+def batch_sums(loss, out, y):
+    """(mean loss x samples, top-1 hits, top-5 hits) of one batch: a tensor on its device, to
+    be summed over batches there and read by the host once (sample_means)."""
+    return torch.cat([(loss.detach().float() * len(y)).view(1),
+                      topk_correct(out.detach().float(), y, (1, 5))])
+
+
+def sample_means(totals, seen):
+    """dict(loss, top1, top5), the per-sample means (accuracies in %) of summed batch_sums."""
+    loss, top1, top5 = totals
+    return dict(loss=loss / seen, top1=top1 * 100 / seen, top5=top5 * 100 / seen)
 
 
 # ------------------------------------------------------------------------------- checkpoints

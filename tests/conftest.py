@@ -7,6 +7,7 @@ from pathlib import Path
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -15,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fakedata  # noqa: E402
 
 FASHION_DIR = os.environ.get('IDC_FASHION_DIR', '/usr/share/datasets/fashion-mnist')
+
+# Tests that need a GPU: skipped where torch sees none. CUDA: a 'cuda' device parameter.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+CUDA = pytest.param('cuda', marks=needs_cuda)
 
 
 @pytest.fixture(scope='session')

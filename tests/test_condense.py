@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import condense
 from argument import parse_args
-from conftest import ROOT
+from conftest import CUDA, ROOT
 from condense import Synthesizer, dist, match_loss, mix_grid
 from misc.utils import safe_load
 
@@ -155,10 +155,6 @@ def cli(fake_fashion, save_dir, *extra):
 def run(argv, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / 'condense.py'), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
-
-
-CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                     reason='needs a CUDA GPU'))
 
 
 @pytest.mark.parametrize('device', ['cpu', CUDA])

@@ -12,7 +12,7 @@ import torch
 import condense
 import misc.device as device_mod
 from argument import parse_args
-from conftest import ROOT
+from conftest import CUDA, ROOT, needs_cuda
 from misc.device import call_compiled, want_compile
 from models import get_model
 from train import CompiledLoss, train_epoch, validate
@@ -269,10 +269,6 @@ def _steps(step, st, *extra):
                  st['gens'], contextlib.nullcontext(), *extra) for _ in range(3)]
 
 
-CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                     reason='needs a CUDA GPU'))
-
-
 @pytest.mark.parametrize('device', ['cpu', CUDA])
 def test_compiled_match_step_equals_the_per_class_loop(fake_fashion, device):
     # The whole default step (compiled matching, closed-form momentum steps) against the
@@ -308,7 +304,7 @@ def test_a_compiler_that_cannot_even_start_is_reported_at_the_first_call(monkeyp
 
 @pytest.mark.parametrize('batch_classes, compiled, device', [
     (0, False, 'cpu'), (4, False, 'cpu'), (0, True, 'cpu'),
-    *[pytest.param(*p, marks=CUDA.marks) for p in ((0, False, 'cuda'), (0, True, 'cuda'))]])
+    *[pytest.param(*p, marks=needs_cuda) for p in ((0, False, 'cuda'), (0, True, 'cuda'))]])
 def test_batched_match_step_equals_one_class_at_a_time(fake_fashion, batch_classes, compiled,
                                                        device):
     # --batch_classes: the classes' matchings vmapped into one computation (0: all 10; 4: groups
@@ -329,7 +325,7 @@ def test_batched_match_step_equals_one_class_at_a_time(fake_fashion, batch_class
     assert (s1 - _double_state(fake_fashion, device=device)['syn'].data).abs().mean() > 1e-4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@needs_cuda
 @pytest.mark.parametrize('batch_classes, compiled', [(1, False), (1, True), (0, True)])
 def test_the_cuda_match_step_equals_the_cpu_one(fake_fashion, batch_classes, compiled):
     # The random draws stay on the CPU, so the GPU sees the same batches and augmentations:
@@ -358,10 +354,10 @@ def test_all_classes_are_batched_by_default_on_cuda_only(fake_fashion):
     assert st['args'].batch_classes is None
     assert condense.GradMatcher(st['model'], st['args']).per_call == 1
     if torch.cuda.is_available():
-        assert condense.GradMatcher(st['model'].cuda(), st['args']).per_call == 0
+        assert condense.GradMatcher(st['model'].to('cuda'), st['args']).per_call == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@needs_cuda
 @pytest.mark.parametrize('batch_classes, compiled', [(1, False), (1, True), (0, True)])
 def test_the_cuda_matching_step_waits_on_the_gpu_once(fake_fashion, batch_classes, compiled):
     # No host synchronisation per class: a matching step of 10 classes (real batches, decoding,
