@@ -352,11 +352,10 @@ class ClassSampler:
         self.all_cycler = _Cycler(len(labels), batch_size, False, stream_generator(seed, 0))
 
     def _fetch(self, idx):
-        if self.stream:
-            x = torch.stack([self.dataset[i][0] for i in idx.tolist()]).to(self.device)
-            return to_float(x), self.targets[idx.to(self.device)]
-        idx = to_device(idx, self.device)
-        return to_float(self.images[idx]), self.targets[idx]
+        on_device = to_device(idx, self.device)
+        x = torch.stack([self.dataset[i][0] for i in idx.tolist()]).to(self.device) \
+            if self.stream else self.images[on_device]
+        return to_float(x), self.targets[on_device]
 
     def class_sample(self, c, n=None, first=False):
         if c not in self.cls_idx:
