@@ -146,6 +146,10 @@ def get_parser():
       'math. Default: all on CUDA (1.9x faster steps on an H200), 1 elsewhere (one class at a '
       'time was faster on the CPU)')
     a('--tf32', action='store_true', help='TF32 matrix products and convolutions on CUDA')
+    a('--cuda_graphs', default='auto', choices=['auto', 'on', 'off'],
+      help='replay each training step\'s forward and backward pass (network updates, '
+      'evaluation, train.py) as a CUDA graph: the same kernels, one launch. auto: on CUDA '
+      'without --amp')
     # Test
     a('-s', '--slct_type', default='idc', choices=['idc', 'dsa', 'kip', 'random', 'herding'])
     a('--repeat', default=1, type=int)
@@ -296,6 +300,9 @@ def validate(args, mode, error):
     if args.batch_classes is not None and args.batch_classes < 0:
         error(f'--batch_classes must be 0 (all classes at once) or more (got '
               f'{args.batch_classes})')
+    if args.cuda_graphs == 'on' and args.amp:
+        error('--cuda_graphs on and --amp do not go together (autocast\'s cast cache cannot '
+              'live in a CUDA graph); drop one of them')
     if args.width <= 0:
         error(f'--width must be positive (got {args.width})')
     if (args.nclass_sub > 0) != (args.phase >= 0):

@@ -29,14 +29,14 @@ from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_r
                         get_world_size, is_main_process, run_main, safe_load, save_img,
                         set_seed, to_device)
 from test import RESNET10_BN, default_evaluator, evaluate_data
-from train import (CompiledLoss, build_model, load_weights, rng_state, set_rng_state,
-                   train_epoch)
+from train import (build_model, load_weights, make_train_step, rng_state, set_rng_state,
+                   train_epoch, train_step_kind)
 
 CKPT_NAME = 'checkpoint.pt'
 # Options that may differ between a run and its --resume (they do not change the result).
 RUN_CONTROL = {'resume', 'device', 'workers', 'verbose', 'print_freq', 'time', 'save_dir',
                'data_dir', 'imagenet_dir', 'download', 'skip_checksum', 'explicit', 'derived',
-               'repeat', 'test', 'compile', 'match_layout', 'batch_classes'}
+               'repeat', 'test', 'compile', 'match_layout', 'batch_classes', 'cuda_graphs'}
 
 
 class Synthesizer:
@@ -354,19 +354,21 @@ class GradMatcher:
 
 
 def compiles(args, device):
-    """(matching, network updates): whether this run compiles each (--compile, by the number
-    of inner steps; the literal loop never does)."""
+    """(matching, network updates): whether this run compiles the matching (--compile, by the
+    number of inner steps), and how it computes the network updates' training steps
+    (train_step_kind: 'graphs', 'compile' or None). The literal loop does neither."""
     steps = args.niter * 100 // args.inner_loop * args.inner_loop
-    fast = args.match_impl == 'fast'
-    return (fast and want_compile(args.compile, device, steps),
-            fast and want_compile(args.compile, device, steps, 'training'))
+    if args.match_impl != 'fast':
+        return False, None
+    return (want_compile(args.compile, device, steps),
+            train_step_kind(args, device, steps))
 
 
 def network_compute(model, args, use_compile, log):
-    """(matcher, training loss) of a network: eager, or compiled with torch.compile, as
-    `use_compile` (matching, network updates) says."""
+    """(matcher, training step helper) of a network: eager, compiled with torch.compile or
+    (updates) CUDA-graphed, as `use_compile` (matching, network updates) says."""
     return (GradMatcher(model, args, compile=use_compile[0], log=log),
-            CompiledLoss(model, log) if use_compile[1] else None)
+            make_train_step(use_compile[1], model, log))
 
 
 def matched_names(model, args):
@@ -451,7 +453,7 @@ def match_step(args, synset, sampler, model, optim_img, aug_match, gens, ctx, ma
     return total.item()
 
 
-def net_step(args, sampler, model, optim_net, aug_net, ctx, compiled_loss=None):
+def net_step(args, sampler, model, optim_net, aug_net, ctx, step=None):
     """Step 2 of an inner iteration: train the network on n_data real images, net_epoch times.
     Under torchrun data-parallel: every rank draws the same batches, trains on its share of
     each, and the optimizer steps with the whole batch's gradient."""
@@ -459,7 +461,7 @@ def net_step(args, sampler, model, optim_net, aug_net, ctx, compiled_loss=None):
         with distributed.DataParallel(optim_net) as dp:
             train_epoch(model, dp.batches(real_batches(sampler, args.n_data)), optim_net,
                         aug=aug_net, mixup=args.mixup_net, beta=args.beta, mix_p=args.mix_p,
-                        ctx=ctx, compiled_loss=compiled_loss)
+                        ctx=ctx, step=step)
 
 
 def real_batches(sampler, n_data):
@@ -565,11 +567,13 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
         distributed.barrier('the wait for rank 0 to evaluate the initialization')
 
     world = get_world_size()
-    if any(use_compile):
-        what = {(True, True): 'Matching and network updates', (True, False): 'Matching',
-                (False, True): 'Network updates'}[use_compile]
-        logger(f'{what} compiled with torch.compile (--compile {args.compile}): the first '
-               f'inner step includes the compilation')
+    compiled_what = [w for w, on in (('matching', use_compile[0]),
+                                     ('network updates', use_compile[1] == 'compile')) if on]
+    if compiled_what:
+        logger(f'{" and ".join(compiled_what).capitalize()} compiled with torch.compile '
+               f'(--compile {args.compile}): the first inner step includes the compilation')
+    if use_compile[1] == 'graphs':
+        logger(f'Network updates replayed as CUDA graphs (--cuda_graphs {args.cuda_graphs})')
     logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
            f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations' +
            (f'; {world} ranks, rank r matches classes r, r+{world}, ... and trains on its share '
@@ -705,7 +709,7 @@ def read_checkpoint(args):
 def main(args):
     """Condense; under torchrun, as one rank of the process group torchrun set up."""
     device = distributed.init_distributed(args.device)
-    setup_backends(device, args.tf32)
+    setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
     set_seed(args.seed)  # the same seed on every rank (rank 0's network is shared anyway)
     # Check what can be checked before anything is written.
     if args.niter * 100 // args.inner_loop < 1:

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 from coreset import get_features, herding_select, random_select
 from data import (DATASETS, TensorLoader, decode_classwise, eval_loader, load_split, to_float)
-from misc.device import autocast, resolve_device, setup_backends, want_compile
+from misc.device import autocast, resolve_device, setup_backends
 from misc.utils import (Logger, UserError, atomic_write_json, run_main, safe_load, save_img,
                         set_seed)
 from models import get_model
 from train import (build_model, jsonable_args, load_weights, net_name, summarize, summary_line,
-                   train_augment, train_model)
+                   train_augment, train_model, train_step_kind)
 
 RESULTS = './results'
 # File names of the DC/DSA baselines' results, per dataset (res_DSA_{name}_ConvNet_{ipc}ipc.pt).
@@ -115,8 +115,8 @@ def evaluate_data(args, images, targets, val_loader, device, logger, evaluators=
             runs.append(train_model(args, model, loader, val_loader, device, logger, epochs,
                                     aug=aug, num_val=num_val, ctx=ctx,
                                     desc=f'{prefix}{ev.name} {r + 1}/{repeat}',
-                                    compile=want_compile(args.compile, device,
-                                                         epochs * len(loader), 'training')))
+                                    step_kind=train_step_kind(args, device,
+                                                              epochs * len(loader))))
         result = dict(evaluator=ev.name, **asdict(ev), repeat=repeat, **summarize(runs))
         result['epochs'] = epochs
         logger(f'{prefix}{ev.name} best {result["best_mean"]:.2f} +- {result["best_std"]:.2f}, '
@@ -407,7 +407,7 @@ def save_grid(path, images, targets, dataset):
 
 def main(args):
     device = resolve_device(args.device)
-    setup_backends(device, args.tf32)
+    setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
     set_seed(args.seed)
     out, paths = sources(args)
     beside_data = args.slct_type == 'idc' and 'save_dir' not in args.explicit

@@ -26,7 +26,7 @@ from data import (DATASETS, StreamLoader, TensorLoader, eval_loader, load_split,
                   standard_augment)
 from misc.augment import Compose, DiffAug
 from misc.device import (autocast, call_compiled, compiled, resolve_device, setup_backends,
-                         want_compile)
+                         want_compile, want_graphs)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, cutmix, run_main,
                         safe_load, set_seed, to_device, topk_correct)
 from models import get_model
@@ -78,6 +78,27 @@ def make_optimizer(args, model, epochs):
 
 
 # ------------------------------------------------------------------------------- one epoch
+def train_step_kind(args, device, steps):
+    """How this run computes its training steps: 'graphs' (GraphedStep, --cuda_graphs),
+    'compile' (CompiledLoss, --compile) or None (eager). `steps`: the optimizer steps of the
+    run, for --compile auto. The one decision for condense.py, test.py, train.py and the
+    benchmark."""
+    if want_graphs(getattr(args, 'cuda_graphs', 'off'), device, getattr(args, 'amp', False)):
+        return 'graphs'
+    if want_compile(args.compile, device, steps, 'training'):
+        return 'compile'
+    return None
+
+
+def make_train_step(kind, model, log=None):
+    """The step helper `kind` (train_step_kind) of `model`, for train_epoch's `step`."""
+    if kind == 'graphs':
+        return GraphedStep(model, log)
+    if kind == 'compile':
+        return CompiledLoss(model, log)
+    return None
+
+
 class CompiledLoss:
     """The training loss of a batch, lam * CE(model(x), y_a) + (1 - lam) * CE(model(x), y_b),
     and the logits, as one torch.compile'd function of the network's parameters: inductor fuses
@@ -85,6 +106,7 @@ class CompiledLoss:
     compilation serves every network of the same architecture. Networks with buffers (batch
     norm statistics) stay eager. If compilation fails, `log` says so and calls return None
     (the caller computes eagerly)."""
+    does_backward = False  # train_epoch calls loss.backward()
 
     def __init__(self, model, log=None):
         self.log = log or (lambda msg: None)
@@ -109,15 +131,110 @@ def _mixed_loss_fn(template):
     return fn
 
 
+class GraphedStep:
+    """The forward pass, the loss lam * CE(out, y_a) + (1 - lam) * CE(out, y_b) and the
+    backward pass of a training batch, replayed as one CUDA graph (--cuda_graphs). A small
+    network's step on a GPU is hundreds of short kernels whose launches the host cannot issue
+    as fast as the GPU runs them; a graph launches them all at once.
+
+    The same math: the graph holds the kernels of the eager step, run on the batch copied into
+    fixed input buffers. With lam = 1 (no CutMix) the loss and its gradient equal CE(out, y)
+    exactly (1 * a + 0 * b). The gradients the graph writes become the parameters' .grad, and
+    the caller's optimizer steps eagerly, so learning-rate schedules, momentum and the
+    data-parallel gradient sum work as without graphs.
+
+    Per batch shape: WARMUP eager steps on a side stream (cuDNN autotuning and lazy
+    initialisation must not happen during capture), then one capture, then replays. The graph
+    holds this network's parameter addresses: every network gets its own GraphedStep. If a
+    capture fails, `log` says so and calls return None (the caller computes eagerly).
+    """
+    does_backward = True  # the parameters' .grad is set: the caller only steps the optimizer
+    WARMUP = 2
+
+    def __init__(self, model, log=None):
+        self.model, self.log = model, log or (lambda msg: None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.stream = None
+        self.graphs = {}  # batch key -> (graph, input buffers, outputs)
+        self.warm = {}  # batch key -> eager warm-up steps so far
+        self.failed = False
+
+    def __call__(self, model, x, y_a, y_b, lam):
+        """(loss, logits) of the batch with the parameters' gradients set, or None (compute
+        the step eagerly)."""
+        if self.failed or model is not self.model or x.device.type != 'cuda':
+            return None
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=x.device)
+        lam = to_device(torch.tensor(lam, dtype=torch.float32), x.device)
+        key = (tuple(x.shape), x.dtype, tuple(y_a.shape), model.training)
+        entry = self.graphs.get(key)
+        if entry is None:
+            done = self.warm.get(key, 0)
+            if done < self.WARMUP:
+                self.warm[key] = done + 1
+                return self._warm_up(x, y_a, y_b, lam)
+            try:
+                entry = self.graphs[key] = self._capture(x, y_a, y_b, lam)
+            except Exception as e:  # noqa: BLE001 -- an operation a graph cannot hold
+                self.failed = True
+                for p in self.params:
+                    p.grad = None
+                lines = str(e).strip().splitlines()
+                self.log(f'warning: CUDA graph capture failed ({type(e).__name__}: '
+                         f'{lines[0][:300] if lines else ""}); continuing without graphs '
+                         f'(--cuda_graphs off skips the attempt)')
+                return None
+        graph, buffers, (loss, out, grads) = entry
+        for buf, t in zip(buffers, (x, y_a, y_b, lam)):
+            buf.copy_(t)
+        graph.replay()
+        self._set_grads(grads)
+        # the graph's outputs are overwritten by its next replay
+        return loss.clone(), out.clone()
+
+    def _step(self, x, y_a, y_b, lam):
+        out = self.model(x)
+        loss = lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return loss.detach(), out.detach(), grads
+
+    def _set_grads(self, grads):
+        for p, g in zip(self.params, grads):
+            p.grad = g
+
+    def _warm_up(self, x, y_a, y_b, lam):
+        main = torch.cuda.current_stream(x.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            loss, out, grads = self._step(x, y_a, y_b, lam)
+        main.wait_stream(self.stream)
+        for t in (loss, out, *grads):  # made on the side stream, used on the main one
+            if t is not None:
+                t.record_stream(main)
+        self._set_grads(grads)
+        return loss, out
+
+    def _capture(self, x, y_a, y_b, lam):
+        buffers = [torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+                   for t in (x, y_a, y_b, lam)]
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (a DataLoader's pinning thread) may go on using CUDA
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode='thread_local'):
+            outputs = self._step(*buffers)
+        return graph, buffers, outputs
+
+
 def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, mix_p=0.0,
-                n_data=None, ctx=None, progress=None, compiled_loss=None):
+                n_data=None, ctx=None, progress=None, step=None):
     """One pass over `batches` ((x, y) on the model's device); returns dict(loss, top1, top5).
 
     aug: x -> x, applied without gradient per batch (e.g. DSA, or Compose with normalization).
     CutMix with probability mix_p when mixup == 'cut' (one draw per batch, as the original).
     n_data: stop once at least n_data samples were seen (for endless iterators).
     ctx: optional autocast context. progress: optional tqdm bar updated per batch.
-    compiled_loss: a CompiledLoss for `model`, to compute the loss through torch.compile.
+    step: a CompiledLoss (the loss through torch.compile) or a GraphedStep (forward and
+    backward as a CUDA graph) of `model` (make_train_step); None: eager.
     """
     model.train()
     # The epoch's sums (loss x samples, top-1 and top-5 hits) and its first non-finite loss stay
@@ -142,7 +259,7 @@ def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, 
                 x, y_a, y_b, lam = cutmix(x, y, beta)
             else:
                 y_a, y_b, lam = y, y, 1.0
-            res = compiled_loss(model, x, y_a, y_b, lam) if compiled_loss is not None else None
+            res = step(model, x, y_a, y_b, lam) if step is not None else None
             if res is not None:
                 loss, out = res
             elif mixed:
@@ -151,8 +268,9 @@ def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, 
             else:
                 out = model(x)
                 loss = F.cross_entropy(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if res is None or not step.does_backward:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
 
         row = batch_sums(loss, out, y)
@@ -291,7 +409,7 @@ def set_rng_state(state, loader=None):
 # ------------------------------------------------------------------------------- the schedule
 def train_model(args, model, train_loader, val_loader, device, logger, epochs, aug=None,
                 num_val=4, val_every=None, ctx=None, resume=None, on_epoch_end=None, desc='',
-                batch_bar=False, compile=False):
+                batch_bar=False, step_kind=None):
     """Train `model` for `epochs` with the evaluation protocol; returns
     dict(best, last, best5, last5, history) (top-1/top-5 in %).
 
@@ -299,11 +417,11 @@ def train_model(args, model, train_loader, val_loader, device, logger, epochs, a
     function returning a fresh iterable per epoch. aug: see train_epoch (mixup, beta, mix_p come
     from args). Validation every `val_every` epochs (default epochs // num_val) and at the last
     epoch. resume: a state from `on_epoch_end` to continue from. on_epoch_end(state, is_best) is
-    called after every epoch with the whole training state (for checkpoints). compile: compute
-    the training loss through torch.compile (CompiledLoss).
+    called after every epoch with the whole training state (for checkpoints). step_kind: how
+    training steps are computed (train_step_kind: 'graphs', 'compile' or None).
     """
     model.to(device)  # before the optimizer, so that its loaded state lands on the device
-    compiled_loss = CompiledLoss(model, logger) if compile else None
+    step = make_train_step(step_kind, model, logger)
     optimizer, scheduler = make_optimizer(args, model, epochs)
     val_every = max(1, val_every or epochs // num_val)
     res = dict(best=0.0, best5=0.0, last=0.0, last5=0.0, history=[])
@@ -333,7 +451,7 @@ def train_model(args, model, train_loader, val_loader, device, logger, epochs, a
                          desc=f'epoch {epoch}/{epochs}', disable=None, leave=False,
                          dynamic_ncols=True, file=sys.stderr)
         tr = train_epoch(model, batches, optimizer, aug=aug, mixup=mixup, beta=args.beta,
-                         mix_p=args.mix_p, ctx=ctx, progress=inner, compiled_loss=compiled_loss)
+                         mix_p=args.mix_p, ctx=ctx, progress=inner, step=step)
         if inner is not None:
             inner.close()
         scheduler.step()
@@ -469,10 +587,10 @@ def main(args):
     if args.pt_from >= 0 and args.repeat > 1:
         raise UserError('--pt_from writes one network per folder: run train.py once per --seed '
                         'instead of --repeat')
+    device = resolve_device(args.device)
+    setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
     args.save_dir = output_dir(args)
     logger = Logger(args.save_dir)
-    device = resolve_device(args.device)
-    setup_backends(device, args.tf32)
     set_seed(args.seed)
     ctx = autocast(device, args.amp)
     logger(f'train.py: {args.dataset} full training set, save dir {args.save_dir}, '
@@ -518,8 +636,7 @@ def main(args):
                           val_every=args.epoch_print_freq, ctx=ctx, resume=state,
                           on_epoch_end=saver, desc=f'repeat {r + 1}/{args.repeat}',
                           batch_bar=True,
-                          compile=want_compile(args.compile, device, args.epochs * len(loader),
-                                               'training'))
+                          step_kind=train_step_kind(args, device, args.epochs * len(loader)))
         finished.append({k: res[k] for k in ('best', 'last', 'best5', 'last5')})
         logger(f"repeat {r + 1}: best {res['best']:.2f} (top-5 {res['best5']:.2f}), "
                f"last {res['last']:.2f} (top-5 {res['last5']:.2f})")

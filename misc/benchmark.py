@@ -42,11 +42,11 @@ import condense  # noqa: E402
 from argument import parse_args  # noqa: E402
 from data import DATASETS, ClassSampler, TensorLoader, eval_loader, load_split, stream_generator  # noqa: E402,E501
 from misc.augment import build_match_aug, build_net_aug  # noqa: E402
-from misc.device import autocast, resolve_device, setup_backends, want_compile  # noqa: E402
+from misc.device import autocast, resolve_device, setup_backends  # noqa: E402
 from misc.utils import accuracy, set_seed  # noqa: E402
 from test import eval_epochs  # noqa: E402
-from train import (CompiledLoss, build_model, make_optimizer, train_augment, train_epoch,  # noqa: E402
-                   validate)
+from train import (build_model, make_optimizer, make_train_step, train_augment,  # noqa: E402
+                   train_epoch, train_step_kind, validate)
 
 
 def sync(device):
@@ -120,7 +120,7 @@ class Condenser:
         self.model, self.optim_net = condense.new_network(args, device,
                                                           self.sampler, self.aug_net)
         # the decision condense.py makes for a run of these settings
-        use_compile = condense.compiles(args, device) if impl == 'fast' else (False, False)
+        use_compile = condense.compiles(args, device) if impl == 'fast' else (False, None)
         self.compiled = use_compile
         self.matcher, self.net_loss = condense.network_compute(self.model, args, use_compile,
                                                                log=print_err)
@@ -171,7 +171,15 @@ def bench_condense(args, device, train_set, impl, steps):
     match_s, net_s = c.timed_steps(steps)
     return c, {'step_s': match_s + net_s, 'match_s': match_s, 'net_s': net_s,
                'warmup_s': warmup_s, 'compiled_match': c.compiled[0],
-               'compiled_net': c.compiled[1]}
+               'net_steps': step_label(c.compiled[1], c.net_loss)}
+
+
+def step_label(kind, step):
+    """How the training steps ran: 'eager', 'compile', 'graphs', or 'graphs failed: eager'
+    when a graph capture failed (its warning is on stderr)."""
+    if kind is None:
+        return 'eager'
+    return f'{kind} failed: eager' if getattr(step, 'failed', False) else kind
 
 
 @torch.no_grad()
@@ -191,20 +199,19 @@ def bench_eval(args, device, images, targets, val_set, epochs, reference):
     model = build_model(args).to(device)
     optimizer, _ = make_optimizer(args, model, 1000)
     full = eval_epochs(args)
-    use_compile = not reference and want_compile(args.compile, device, full * len(loader),
-                                                 'training')
-    compiled_loss = CompiledLoss(model, print_err) if use_compile else None
+    kind = None if reference else train_step_kind(args, device, full * len(loader))
+    step = make_train_step(kind, model, print_err)
 
     def run(n):
         sync(device)
         t = time.perf_counter()
         for _ in range(n):
             train_epoch(model, loader, optimizer, aug=aug, mixup=args.mixup, beta=args.beta,
-                        mix_p=args.mix_p, compiled_loss=compiled_loss)
+                        mix_p=args.mix_p, step=step)
         sync(device)
         return time.perf_counter() - t
 
-    first = run(1)  # warm-up, and compilation
+    first = run(1)  # warm-up, and compilation (or graph capture)
     epoch_s = run(epochs) / epochs
     val_fn = plain_validate if reference else validate
     val_fn(model, val)  # warm-up
@@ -213,9 +220,9 @@ def bench_eval(args, device, images, targets, val_set, epochs, reference):
     val_fn(model, val)
     sync(device)
     val_s = time.perf_counter() - t
-    compile_s = max(0.0, first - epoch_s) if use_compile else 0.0
+    compile_s = max(0.0, first - epoch_s) if kind is not None else 0.0
     return {'eval_images': len(images), 'eval_epoch_s': epoch_s, 'val_pass_s': val_s,
-            'eval_compile_s': compile_s, 'eval_compiled': use_compile,
+            'eval_compile_s': compile_s, 'eval_steps': step_label(kind, step),
             f'eval_{full}_epochs_s': compile_s + full * epoch_s + 4 * val_s}
 
 
@@ -225,7 +232,7 @@ def measure(opt, reference):
             f'--reproduce --device {opt.device} --test {opt.extra}')
     args = parse_args(line.split(), mode='condense')
     device = resolve_device(args.device)
-    setup_backends(device, args.tf32, allocator=not reference)
+    setup_backends(device, args.tf32, allocator=not reference, cuda_graphs=args.cuda_graphs)
     train_set = load_split(args, train=True)
     val_set = load_split(args, train=False)
 

@@ -63,10 +63,15 @@ def tune_cpu_allocator():
         bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
-def setup_backends(device, tf32=False, allocator=True):
+def setup_backends(device, tf32=False, allocator=True, cuda_graphs='auto'):
     """Process-wide speed settings that keep the math: the CPU allocator (tensors are made on
     the CPU on every device; allocator=False leaves the C library's default, as the benchmark's
-    reference does), cuDNN autotuning; TF32 only when asked, since it rounds fp32 products."""
+    reference does), cuDNN autotuning; TF32 only when asked, since it rounds fp32 products.
+    Also the check that --cuda_graphs on has a CUDA device (a UserError before any file is
+    written)."""
+    if cuda_graphs == 'on' and device.type != 'cuda':
+        raise UserError(f'--cuda_graphs on needs a CUDA device, and this run uses {device}; '
+                        f'leave --cuda_graphs at auto (CUDA only) or choose --device cuda')
     if allocator:
         tune_cpu_allocator()
     if device.type == 'cuda':
@@ -92,6 +97,14 @@ def want_compile(mode, device, steps, what='matching'):
     if mode == 'auto':
         devices = ('cpu', 'cuda') if what == 'matching' else ('cpu', )
         return device.type in devices and steps >= COMPILE_MIN_STEPS
+    return mode == 'on'
+
+
+def want_graphs(mode, device, amp=False):
+    """--cuda_graphs on/off, or auto: on for CUDA without --amp (autocast's cast cache cannot
+    live in a graph; argument.py rejects on with --amp)."""
+    if mode == 'auto':
+        return device.type == 'cuda' and not amp
     return mode == 'on'
 
 

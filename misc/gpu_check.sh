@@ -1,8 +1,9 @@
 #!/bin/bash
 # The checks a session with a GPU runs, in one time-boxed script (no step outlives BUDGET):
-#   1. the CUDA tests (pytest -k cuda; skipped on machines without a GPU);
-#   2. misc/benchmark.py on CUDA with the defaults and the original's way as reference, then with
-#      --compile on (the training steps compiled too), to check the CUDA defaults;
+#   0. the CUDA graph tests (quick: the defaults below replay training steps as graphs);
+#   1. misc/benchmark.py on CUDA with the defaults and the original's way as reference, then
+#      with --cuda_graphs off, --tf32 and --amp (alone on the GPU, one after the other);
+#   2. the other CUDA tests (pytest -k cuda; skipped on machines without a GPU), beside
 #   3. condense.py --reproduce -d fashion -f 2 --ipc 10 in OUT/idc for the time left but
 #      EVAL_S, resumed when OUT/idc holds a checkpoint (carry the folder between sessions);
 #   4. test.py on the last checkpoint's images (--repeat 2).
@@ -13,11 +14,11 @@
 # On a lent machine whose output folder takes few files, run it into another folder and pack it:
 #   OUT=/tmp/gc F=... bash misc/gpu_check.sh; tar czf "$OUT/gpu_check.tgz" -C /tmp/gc .
 #
-# Options by environment: PY (python3), DEV (cuda), EVAL_S (150), STEPS (10, benchmark steps).
+# Options by environment: PY (python3), DEV (cuda), EVAL_S (100), STEPS (10, benchmark steps).
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}; DEV=${DEV:-cuda}; BUDGET=${BUDGET:-570}; EVAL_S=${EVAL_S:-150}
+PY=${PY:-python3}; DEV=${DEV:-cuda}; BUDGET=${BUDGET:-570}; EVAL_S=${EVAL_S:-100}
 STEPS=${STEPS:-10}; F=${F:-/usr/share/datasets/fashion-mnist}; OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"; L=$OUT/log.txt
 T0=$(date +%s)
@@ -35,21 +36,30 @@ el "start: device $DEV, budget ${BUDGET}s"
   $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 } >>"$L" 2>&1
 
+bench() {  # $1: seconds at most; the rest: benchmark.py options
+    local t; t=$(cap "$1" "$EVAL_S"); shift
+    el "benchmark: $*"
+    timeout "$t" $PY misc/benchmark.py --data_dir "$F" --device "$DEV" --steps "$STEPS" \
+        --eval_epochs 30 --skip_loop "$@" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err"
+    el "benchmark: rc $?"
+}
 PT=(-q -rfE --tb=short)
-$PY -c "import pytest_timeout" 2>/dev/null && PT+=(--timeout 120)
-el "CUDA tests"
-IDC_FASHION_DIR=$F timeout "$(cap 150 "$EVAL_S")" $PY -m pytest "${PT[@]}" tests -k cuda >"$OUT/tests.log" 2>&1
-el "CUDA tests: rc $? ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))"
+$PY -c "import pytest_timeout" 2>/dev/null && PT+=(--timeout 150)
+el "CUDA graph tests first (the benchmarks' defaults use graphs)"
+IDC_FASHION_DIR=$F timeout "$(cap 60 "$EVAL_S")" $PY -m pytest "${PT[@]}" tests/test_speed.py \
+    -k "graph" >"$OUT/tests_graphs.log" 2>&1
+el "graph tests: rc $? ($(grep -E 'passed|failed' "$OUT/tests_graphs.log" | tail -1))"
 
-el "benchmark: defaults, with the reference"
-timeout "$(cap 150 "$EVAL_S")" $PY misc/benchmark.py --data_dir "$F" --device "$DEV" --steps "$STEPS" \
-    --eval_epochs 30 --skip_loop >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err"
-el "benchmark: rc $?"
-el "benchmark: --compile on"
-timeout "$(cap 120 "$EVAL_S")" $PY misc/benchmark.py --data_dir "$F" --device "$DEV" --steps "$STEPS" \
-    --eval_epochs 30 --skip_loop --skip_reference "--extra=--compile on" \
-    >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err"
-el "benchmark: rc $?"
+bench 150
+bench 60 --skip_reference "--extra=--cuda_graphs off"
+bench 60 --skip_reference "--extra=--tf32"
+bench 80 --skip_reference "--extra=--amp"
+
+el "CUDA tests (beside the condensation)"
+( IDC_FASHION_DIR=$F timeout "$(cap 240 "$EVAL_S")" $PY -m pytest "${PT[@]}" tests \
+    -k "cuda and not graph" >"$OUT/tests.log" 2>&1
+  el "CUDA tests: rc $? ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))" ) &
+TESTS=$!
 
 CT=$(( $(left) - EVAL_S ))
 if [ "$CT" -gt 60 ]; then
@@ -60,6 +70,7 @@ if [ "$CT" -gt 60 ]; then
 else
     el "no time left for the condensation"
 fi
+wait $TESTS
 if [ -f "$OUT/idc/checkpoint.pt" ]; then
     $PY - "$OUT/idc" >>"$L" 2>&1 <<'EOF'
 import sys

@@ -131,6 +131,7 @@ def test_test_flag_and_save_dir():
     ('-d fashion --ipc 1 --batch_syn_max 0', '--batch_syn_max must be at least 1'),
     ('-d fashion --ipc 1 --batch_classes -1', '--batch_classes must be 0'),
     ('-d fashion --ipc 1 --match_layout nhwc', "invalid choice: 'nhwc'"),
+    ('-d fashion --ipc 1 --cuda_graphs on --amp', 'do not go together'),
     ('-d imagenet --nclass 100 --ipc 1 --nclass_sub 30 --phase 0', 'not a multiple'),
     ('-d imagenet --nclass 100 --ipc 1 --nclass_sub 20', 'go together'),
 ])

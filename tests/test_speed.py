@@ -13,9 +13,10 @@ import condense
 import misc.device as device_mod
 from argument import parse_args
 from conftest import CUDA, ROOT, needs_cuda
-from misc.device import call_compiled, want_compile
+from misc.device import call_compiled, want_compile, want_graphs
+from misc.utils import UserError
 from models import get_model
-from train import CompiledLoss, train_epoch, validate
+from train import CompiledLoss, GraphedStep, train_epoch, validate
 
 CPU = torch.device('cpu')
 
@@ -81,9 +82,15 @@ def test_want_compile_rules():
                                             (['--niter', '1', '--compile'], True)])
 def test_condense_compiles_long_runs_by_default(argv, compiled):
     args = parse_args(['-d', 'fashion', '--ipc', '1', *argv], mode='condense')
-    assert condense.compiles(args, CPU) == (compiled, compiled)
-    if compiled:  # on CUDA the matching only
-        assert condense.compiles(args, torch.device('cuda')) == (True, args.compile == 'on')
+    assert condense.compiles(args, CPU) == (compiled, 'compile' if compiled else None)
+    # on CUDA: the network updates as CUDA graphs (--cuda_graphs auto)
+    assert condense.compiles(args, torch.device('cuda')) == (compiled, 'graphs')
+    args.cuda_graphs = 'off'
+    if compiled:  # without graphs, on CUDA only the matching compiles by default
+        assert condense.compiles(args, torch.device('cuda')) == (True, args.compile == 'on'
+                                                                  and 'compile' or None)
+    args.match_impl = 'loop'  # the original's way: neither
+    assert condense.compiles(args, torch.device('cuda')) == (False, None)
 
 
 # ---------------------------------------------------------------- compiled = eager
@@ -146,13 +153,91 @@ def test_compiled_training_loss_equals_eager():
     torch.manual_seed(5)
     said = []
     rb = train_epoch(b, batches, opt_b, mixup='cut', mix_p=0.5,
-                     compiled_loss=CompiledLoss(b, said.append))
+                     step=CompiledLoss(b, said.append))
     assert said == []
     assert rb['loss'] == pytest.approx(ra['loss'], rel=1e-4)
     assert rb['top1'] == ra['top1']
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, rtol=1e-4, atol=1e-5)
         assert pb.grad is not None
+
+
+# ---------------------------------------------------------------- CUDA graphs = eager
+def test_want_graphs_rules():
+    cuda = torch.device('cuda')
+    assert want_graphs('auto', cuda) and not want_graphs('auto', cuda, amp=True)
+    assert not want_graphs('auto', CPU) and not want_graphs('auto', torch.device('mps'))
+    assert want_graphs('on', cuda) and not want_graphs('off', cuda)
+    with pytest.raises(UserError, match='needs a CUDA device'):
+        device_mod.setup_backends(CPU, cuda_graphs='on')
+
+
+def test_cuda_graphs_on_without_a_gpu_exits_2_before_writing(fake_fashion, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / 'test.py'), '-d', 'fashion', '--data_dir',
+                        str(fake_fashion), '-s', 'random', '--ipc', '1', '--device', 'cpu',
+                        '--cuda_graphs', 'on'], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert 'needs a CUDA device' in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('device', ['cpu', CUDA])
+@pytest.mark.parametrize('norm', ['instance', 'batch'])
+def test_graphed_training_steps_equal_eager_ones(device, norm):
+    # Two epochs of 16 + 16 + 10 images (two batch shapes: two graphs), CutMix on about half of
+    # the batches, momentum, and a learning-rate drop between the epochs: the graphed network
+    # ends where the eager one does (batch norm statistics included). On the CPU a GraphedStep
+    # declines every batch, and train_epoch computes them eagerly.
+    nets = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        net = get_model('convnet', 10, 1, 28, 3, 0.125, norm_type=norm).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(2)
+        batches = [(torch.randn(n, 1, 28, 28, generator=g).to(device),
+                    torch.randint(10, (n, ), generator=g).to(device)) for n in (16, 16, 10)]
+        said = []
+        step = GraphedStep(net, said.append) if graphed else None
+        torch.manual_seed(5)  # the CutMix draws
+        results = []
+        for epoch in range(2 + GraphedStep.WARMUP):  # the warm-up steps are real steps too
+            results.append(train_epoch(net, batches, opt, mixup='cut', mix_p=0.5, step=step))
+            opt.param_groups[0]['lr'] *= 0.2
+        assert said == []
+        if graphed:
+            assert len(step.graphs) == (2 if device == 'cuda' else 0)
+        nets.append((net, results))
+    (a, ra), (b, rb) = nets
+    for x, y in zip(ra, rb):
+        assert y['loss'] == pytest.approx(x['loss'], rel=1e-4)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(ta.float(), tb.float(), rtol=1e-4, atol=1e-5), name
+    assert all(p.grad is not None for p in b.parameters())
+
+
+@needs_cuda
+def test_graphed_training_epoch_waits_on_the_gpu_once():
+    # Replays copy the batch in and the gradients out without a host synchronisation: an
+    # epoch of graphed steps waits on the GPU once, for its metrics.
+    import warnings
+    torch.manual_seed(0)
+    net = get_model('convnet', 10, 1, 28, 3, 0.125).to('cuda')
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    batches = [(torch.randn(16, 1, 28, 28, device='cuda'), torch.randint(10, (16, ), device='cuda'))
+               for _ in range(3)]
+    step = GraphedStep(net, print)
+    train_epoch(net, batches, opt, mixup='cut', mix_p=0.5, step=step)  # warm-up and capture
+    assert len(step.graphs) == 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('warn')
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            train_epoch(net, batches, opt, mixup='cut', mix_p=0.5, step=step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message).lower()]
+    assert len(syncs) <= 1, syncs
 
 
 def test_compiled_loss_skips_networks_with_buffers():
@@ -227,11 +312,12 @@ def test_benchmark_prints_one_json_line_with_the_reference(fake_fashion):
                 'val_pass_s', 'eval_1000_epochs_s', 'speedup', 'eval_speedup'):
         assert out[key] > 0, key
     # the --reproduce settings (200,000 inner steps) on the CPU compile both
-    assert out['compiled_match'] is True and out['compiled_net'] is True
+    assert out['compiled_match'] is True and out['net_steps'] == 'compile'
+    assert out['eval_steps'] == 'compile'
     assert out['step_s'] == pytest.approx(out['match_s'] + out['net_s'], rel=1e-3)
     ref = out['reference']
-    assert ref['compiled_match'] is False and ref['compiled_net'] is False
-    assert ref['eval_compiled'] is False
+    assert ref['compiled_match'] is False and ref['net_steps'] == 'eager'
+    assert ref['eval_steps'] == 'eager'
     assert out['speedup'] == pytest.approx(ref['step_s'] / out['step_s'], rel=1e-2)
     assert out['loop_same_process']['step_s'] > 0
     assert out['eval_images'] == 10 * 4  # ipc 1, factor 2
