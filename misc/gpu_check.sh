@@ -5,7 +5,8 @@
 #      with --cuda_graphs off, --tf32 and --amp (alone on the GPU, one after the other);
 #   2. the other CUDA tests (pytest -k cuda; skipped on machines without a GPU), beside
 #   3. condense.py --reproduce -d fashion -f 2 --ipc 10 in OUT/idc for the time left but
-#      EVAL_S, resumed when OUT/idc holds a checkpoint (carry the folder between sessions);
+#      EVAL_S, resumed when OUT/idc holds a checkpoint, or from RESUME (a folder with an earlier
+#      run's checkpoint.pt and init.pt, carried to the machine) when OUT/idc does not exist;
 #   4. test.py on the last checkpoint's images (--repeat 2).
 # Everything lands in OUT: log.txt (what ran, when, the key lines), bench.jsonl, tests.log, idc/.
 #
@@ -13,8 +14,10 @@
 #
 # On a lent machine whose output folder takes few files, run it into another folder and pack it:
 #   OUT=/tmp/gc F=... bash misc/gpu_check.sh; tar czf "$OUT/gpu_check.tgz" -C /tmp/gc .
+# (the session of 2026-11-27 kept its checkpoint in the ignored .gpu/idc: RESUME=.gpu/idc)
 #
-# Options by environment: PY (python3), DEV (cuda), EVAL_S (100), STEPS (10, benchmark steps).
+# Options by environment: PY (python3), DEV (cuda), EVAL_S (100), STEPS (10, benchmark steps),
+# RESUME (none).
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -43,7 +46,7 @@ bench() {  # $1: seconds at most; the rest: benchmark.py options
         --eval_epochs 30 --skip_loop "$@" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.err"
     el "benchmark: rc $?"
 }
-PT=(-q -rfE --tb=short)
+PT=(-v -rfE --tb=short)  # -v: a cut-off run still shows which tests passed
 $PY -c "import pytest_timeout" 2>/dev/null && PT+=(--timeout 150)
 el "CUDA graph tests first (the benchmarks' defaults use graphs)"
 IDC_FASHION_DIR=$F timeout "$(cap 60 "$EVAL_S")" $PY -m pytest "${PT[@]}" tests/test_speed.py \
@@ -61,6 +64,9 @@ el "CUDA tests (beside the condensation)"
   el "CUDA tests: rc $? ($(grep -E 'passed|failed' "$OUT/tests.log" | tail -1))" ) &
 TESTS=$!
 
+if [ -n "${RESUME:-}" ] && [ ! -e "$OUT/idc" ] && [ -f "$RESUME/checkpoint.pt" ]; then
+    cp -r "$RESUME" "$OUT/idc" && el "condensation resumes from $RESUME (copied to $OUT/idc)"
+fi
 CT=$(( $(left) - EVAL_S ))
 if [ "$CT" -gt 60 ]; then
     el "condensation for at most ${CT}s"
