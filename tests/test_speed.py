@@ -16,7 +16,7 @@ from conftest import CUDA, ROOT, needs_cuda
 from misc.device import call_compiled, want_compile, want_graphs
 from misc.utils import UserError
 from models import get_model
-from train import CompiledLoss, GraphedStep, train_epoch, validate
+from train import CompiledForward, CompiledLoss, GraphedStep, train_epoch, validate
 
 CPU = torch.device('cpu')
 
@@ -296,6 +296,28 @@ def test_validate_in_channels_last_equals_nchw_and_restores_the_network():
     assert res['loss'] == pytest.approx(ref, rel=1e-5)
     assert res['top1'] == pytest.approx((out.argmax(1) == y).float().mean().item() * 100)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize('norm', ['instance', 'batch'])
+def test_compiled_validation_equals_eager(norm):
+    # The compiled forward pass (parameters and buffers as inputs, channels_last) gives the
+    # eager validation's loss and accuracies; batch norm uses its running statistics.
+    torch.manual_seed(0)
+    model = get_model('convnet', 10, 1, 28, 3, 0.125, norm_type=norm)
+    if norm == 'batch':
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(32, 1, 28, 28) * 2 + 1)  # running statistics away from (0, 1)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 1, 28, 28, generator=g), torch.randint(10, (30, ), generator=g)
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    said = []
+    eager = validate(model, batches)
+    fast = validate(model, batches, forward=CompiledForward(model, said.append))
+    assert said == []
+    assert fast['loss'] == pytest.approx(eager['loss'], rel=1e-5)
+    assert fast['top1'] == eager['top1'] and fast['top5'] == eager['top5']
+    assert not model.training and all(p.is_contiguous() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- the benchmark
