@@ -280,3 +280,43 @@ def test_a_nan_loss_stops_the_epoch_within_20_batches():
     with pytest.raises(UserError, match='loss became nan'):
         train.train_epoch(model, batches(), opt)
     assert len(drawn) == 20
+
+
+
+class _Said(list):
+    """A logger that keeps its lines (train_model's logger(...) and logger.json(...))."""
+    def __call__(self, msg=''):
+        self.append(msg)
+
+    def json(self, record):
+        pass
+
+
+def test_train_model_compiled_steps_and_validation_follow_the_eager_run(monkeypatch):
+    # step_kind 'compile' (the CPU default for long runs): the loss through torch.compile and
+    # the validation's forward pass compiled (CompiledForward); the history follows the eager
+    # run's, and neither fell back to eager computation.
+    args = parse_args(['-d', 'fashion', '--epochs', '4'], mode='train')
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(8, 1, 28, 28, generator=g), torch.arange(8) % 10)]
+    val = [(torch.rand(12, 1, 28, 28, generator=g), torch.arange(12) % 10)]
+    compiled_passes = []
+    real_forward = train.CompiledForward.__call__
+
+    def counted(self, model, x):
+        out = real_forward(self, model, x)
+        compiled_passes.append(out is not None)
+        return out
+    monkeypatch.setattr(train.CompiledForward, '__call__', counted)
+    runs = []
+    for kind in (None, 'compile'):
+        torch.manual_seed(3)
+        said = _Said()
+        runs.append(train.train_model(args, tiny_convnet(), data, val, 'cpu', said, 4, num_val=2,
+                                      step_kind=kind))
+        assert not [m for m in said if 'warning' in m]
+    assert compiled_passes == [True, True]  # the two validations of the compiled run
+    (a, b) = runs
+    for ha, hb in zip(a['history'], b['history']):
+        assert hb['loss'] == pytest.approx(ha['loss'], rel=1e-4)
+        assert hb['train_loss'] == pytest.approx(ha['train_loss'], rel=1e-4)
