@@ -44,7 +44,7 @@ from argument import parse_args  # noqa: E402
 from data import DATASETS, ClassSampler, TensorLoader, eval_loader, load_split, stream_generator  # noqa: E402,E501
 from misc.augment import build_match_aug, build_net_aug  # noqa: E402
 from misc.device import autocast, resolve_device, setup_backends  # noqa: E402
-from misc.utils import accuracy, set_seed  # noqa: E402
+from misc.utils import accuracy, run_main, set_seed  # noqa: E402
 from test import eval_epochs  # noqa: E402
 from train import (CompiledForward, build_model, make_optimizer, make_train_step,  # noqa: E402
                    train_augment, train_epoch, train_step_kind, validate)
@@ -321,4 +321,4 @@ def rounded(obj):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(lambda _: main(), None)

@@ -172,6 +172,30 @@ def test_want_graphs_rules():
         device_mod.setup_backends(CPU, cuda_graphs='on')
 
 
+@pytest.mark.parametrize('argv, cuda, cpu', [
+    ([], 'graphs', 'compile'), (['--amp'], None, 'compile'),
+    (['--cuda_graphs', 'off'], None, 'compile'), (['--cuda_graphs', 'off', '--compile', 'on'],
+                                                  'compile', 'compile'),
+    (['--compile', 'off'], 'graphs', None)])
+def test_train_step_kind_for_test_py(argv, cuda, cpu):
+    # test.py's and train.py's training steps: CUDA graphs on CUDA unless --amp or
+    # --cuda_graphs off; torch.compile on the CPU for runs of at least 1000 steps
+    from train import train_step_kind
+    args = parse_args(['-d', 'fashion', '--ipc', '1', *argv], mode='test')
+    assert train_step_kind(args, torch.device('cuda'), 10**6) == cuda
+    assert train_step_kind(args, CPU, 10**6) == cpu
+    # --compile auto compiles runs of at least 1000 steps; on compiles any
+    assert train_step_kind(args, CPU, 999) == (cpu if args.compile == 'on' else None)
+
+
+def test_the_benchmark_exits_2_on_a_user_error(fake_fashion):
+    r = subprocess.run([sys.executable, str(ROOT / 'misc' / 'benchmark.py'), '--data_dir',
+                        fake_fashion, '--device', 'cpu', '--extra=--cuda_graphs on'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert 'needs a CUDA device' in r.stderr
+
+
 def test_cuda_graphs_on_without_a_gpu_exits_2_before_writing(fake_fashion, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / 'test.py'), '-d', 'fashion', '--data_dir',
                         str(fake_fashion), '-s', 'random', '--ipc', '1', '--device', 'cpu',
