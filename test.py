@@ -30,7 +30,7 @@ from misc.utils import (Logger, UserError, atomic_write_json, run_main, safe_loa
                         set_seed)
 from models import get_model
 from train import (build_model, jsonable_args, load_weights, net_name, summarize, summary_line,
-                   train_augment, train_model, train_step_kind)
+                   step_kind_name, train_augment, train_model, train_step_kind)
 
 RESULTS = './results'
 # File names of the DC/DSA baselines' results, per dataset (res_DSA_{name}_ConvNet_{ipc}ipc.pt).
@@ -105,8 +105,9 @@ def evaluate_data(args, images, targets, val_loader, device, logger, evaluators=
     out = {}
     for ev in evaluators:
         epochs = ev.epochs or eval_epochs(args)
+        kind = train_step_kind(args, device, epochs * len(loader))
         logger(f'{prefix}=> {ev.name}: {len(images)} training images, {epochs} epochs, '
-               f'{repeat} run(s)')
+               f'{repeat} run(s); training steps {step_kind_name(kind)}')
         runs = []
         for r in range(repeat):
             model = get_model(ev.net_type, args.nclass, nch=DATASETS[args.dataset].nch,
@@ -115,8 +116,7 @@ def evaluate_data(args, images, targets, val_loader, device, logger, evaluators=
             runs.append(train_model(args, model, loader, val_loader, device, logger, epochs,
                                     aug=aug, num_val=num_val, ctx=ctx,
                                     desc=f'{prefix}{ev.name} {r + 1}/{repeat}',
-                                    step_kind=train_step_kind(args, device,
-                                                              epochs * len(loader))))
+                                    step_kind=kind))
         result = dict(evaluator=ev.name, **asdict(ev), repeat=repeat, **summarize(runs))
         result['epochs'] = epochs
         logger(f'{prefix}{ev.name} best {result["best_mean"]:.2f} +- {result["best_std"]:.2f}, '

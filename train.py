@@ -91,6 +91,11 @@ def train_step_kind(args, device, steps):
     return None
 
 
+def step_kind_name(kind):
+    """How a log line names a train_step_kind."""
+    return {'graphs': 'CUDA graphs', 'compile': 'torch.compile'}.get(kind, 'eager')
+
+
 def make_train_step(kind, model, log=None):
     """The step helper `kind` (train_step_kind) of `model`, for train_epoch's `step`."""
     if kind == 'graphs':
@@ -638,9 +643,11 @@ def main(args):
     loader = full_train_loader(args, trainset, device, normalize)
     val_loader = eval_loader(valset, args.dataset, device, batch_size=500, workers=args.workers)
     name = net_name(args.net_type, args.depth, args.norm_type, args.width)
+    step_kind = train_step_kind(args, device, args.epochs * len(loader))
     logger(f'{len(trainset)} training / {len(valset)} test images; {name}; '
            f"{'DSA ' + args.dsa_strategy if args.dsa else 'standard augmentation'}, "
-           f"mixup {args.mixup} (p {args.mix_p}); {args.epochs} epochs")
+           f"mixup {args.mixup} (p {args.mix_p}); {args.epochs} epochs; training steps "
+           f"{step_kind_name(step_kind)}")
 
     finished, resume = [], None
     if args.resume:
@@ -669,7 +676,7 @@ def main(args):
                           val_every=args.epoch_print_freq, ctx=ctx, resume=state,
                           on_epoch_end=saver, desc=f'repeat {r + 1}/{args.repeat}',
                           batch_bar=True,
-                          step_kind=train_step_kind(args, device, args.epochs * len(loader)))
+                          step_kind=step_kind)
         finished.append({k: res[k] for k in ('best', 'last', 'best5', 'last5')})
         logger(f"repeat {r + 1}: best {res['best']:.2f} (top-5 {res['best5']:.2f}), "
                f"last {res['last']:.2f} (top-5 {res['last5']:.2f})")

@@ -167,6 +167,8 @@ def test_random_selection_trains_above_chance_on_real_fashion(fashion_dir, tmp_p
                             '--save_dir', str(tmp_path)))
     assert s['n_train'] == 20 and s['epochs'] == 40
     assert s['best_mean'] > 25  # chance is 10 %
+    # the log says how the training steps ran: 40 optimizer steps stay eager on the CPU
+    assert 'training steps eager' in (tmp_path / 'log.txt').read_text()
 
 
 def test_herding_uses_a_train_py_network(fake_fashion, tmp_path, monkeypatch, capsys):
