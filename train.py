@@ -26,8 +26,8 @@ from tqdm import tqdm
 from data import (DATASETS, StreamLoader, TensorLoader, eval_loader, load_split, normalizer,
                   standard_augment)
 from misc.augment import Compose, DiffAug
-from misc.device import (autocast, call_compiled, compiled, resolve_device, setup_backends,
-                         want_compile, want_graphs)
+from misc.device import (autocast, call_compiled, compiled, error_summary, resolve_device,
+                         setup_backends, want_compile, want_graphs)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, cutmix, run_main,
                         safe_load, set_seed, to_device, topk_correct)
 from models import get_model
@@ -128,12 +128,18 @@ class CompiledLoss:
                              self.log)
 
 
+def mixed_loss(out, y_a, y_b, lam):
+    """The CutMix training loss lam * CE(out, y_a) + (1 - lam) * CE(out, y_b) (lam a float or
+    a 0-d tensor)."""
+    return lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b)
+
+
 def _mixed_loss_fn(template):
     from torch.func import functional_call
 
     def fn(params, x, y_a, y_b, lam):
         out = functional_call(template, params, (x, ))
-        return lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b), out
+        return mixed_loss(out, y_a, y_b, lam), out
     return fn
 
 
@@ -186,10 +192,8 @@ class GraphedStep:
                 self.failed = True
                 for p in self.params:
                     p.grad = None
-                lines = str(e).strip().splitlines()
-                self.log(f'warning: CUDA graph capture failed ({type(e).__name__}: '
-                         f'{lines[0][:300] if lines else ""}); continuing without graphs '
-                         f'(--cuda_graphs off skips the attempt)')
+                self.log(f'warning: CUDA graph capture failed ({error_summary(e)}); continuing '
+                         f'without graphs (--cuda_graphs off skips the attempt)')
                 return None
         graph, buffers, (loss, out, grads) = entry
         for buf, t in zip(buffers, (x, y_a, y_b, lam)):
@@ -201,7 +205,7 @@ class GraphedStep:
 
     def _step(self, x, y_a, y_b, lam):
         out = self.model(x)
-        loss = lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b)
+        loss = mixed_loss(out, y_a, y_b, lam)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return loss.detach(), out.detach(), grads
 
@@ -270,7 +274,7 @@ def train_epoch(model, batches, optimizer, aug=None, mixup='vanilla', beta=1.0, 
                 loss, out = res
             elif mixed:
                 out = model(x)
-                loss = lam * F.cross_entropy(out, y_a) + (1 - lam) * F.cross_entropy(out, y_b)
+                loss = mixed_loss(out, y_a, y_b, lam)
             else:
                 out = model(x)
                 loss = F.cross_entropy(out, y)

@@ -145,12 +145,18 @@ def call_compiled(key, args, log, memory_format=torch.contiguous_format):
         out = fn(*args)
     except Exception as e:  # noqa: BLE001 -- whatever broke the compiler, go on eagerly
         _COMPILED[key] = None
-        lines = str(e).strip().splitlines()
-        log(f'warning: torch.compile failed ({type(e).__name__}: {lines[0][:300] if lines else ""}'
-            f'); continuing without compilation (--compile off skips the attempt)')
+        log(f'warning: torch.compile failed ({error_summary(e)}); continuing without '
+            f'compilation (--compile off skips the attempt)')
         return None
     _COMPILED_OK.add(key)
     return out
+
+
+def error_summary(e):
+    """'Type: first line of the message' (at most 300 characters of it), for a one-line
+    warning about a failed speed-up."""
+    lines = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {lines[0][:300] if lines else ""}'
 
 
 def _plain(a, seen, fmt):

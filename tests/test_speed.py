@@ -208,8 +208,9 @@ def test_cuda_graphs_on_without_a_gpu_exits_2_before_writing(fake_fashion, tmp_p
 @pytest.mark.parametrize('device', ['cpu', CUDA])
 @pytest.mark.parametrize('norm', ['instance', 'batch'])
 def test_graphed_training_steps_equal_eager_ones(device, norm):
-    # Two epochs of 16 + 16 + 10 images (two batch shapes: two graphs), CutMix on about half of
-    # the batches, momentum, and a learning-rate drop between the epochs: the graphed network
+    # Four epochs of 16 + 16 + 10 images (two batch shapes: two graphs, each after two eager
+    # warm-up steps), CutMix on about half of the batches, momentum, and a learning-rate drop
+    # between the epochs: the graphed network
     # ends where the eager one does (batch norm statistics included). On the CPU a GraphedStep
     # declines every batch, and train_epoch computes them eagerly.
     nets = []
