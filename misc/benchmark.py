@@ -17,10 +17,15 @@ settings, so `--compile auto` compiles):
   pass over the test set; `eval_1000_epochs_s` = compilation + 1000 epochs + 4 validations,
   the protocol's schedule (compilation: of the training step and, on the CPU, of the
   validation forward pass).
-`reference`: the same measurements (same options, --extra included) in a fresh process run
-the original's way: the per-class loop with loss.backward() and one optimizer step per class,
-eager training, NCHW inference, and the C library's default memory allocator. `speedup` and
-`eval_speedup` compare with it.
+`reference`: the same measurements (same options, --extra included) in fresh processes
+(--reference_runs, 3 by default; the median of each figure, `reference_runs` lists each
+process's main figures: one process's figures vary by up to a factor of two) run the
+original's way: the per-class loop with loss.backward() and one optimizer step per class,
+eager training, NCHW inference, and the C library's default memory allocator; its evaluation
+reads the data as the original's test.py does (OriginalLoader: a DataLoader over one image at a
+time, a per-image transform, the test split as PIL images through ToTensor and Normalize in 4
+worker processes, batches of --batch_size // 2 for validation). `speedup` and `eval_speedup`
+compare with it.
 
 This is an entry-point script: it imports condense.py and test.py (nothing imports it).
 """
@@ -33,6 +38,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -41,7 +47,8 @@ sys.path.insert(0, ROOT)
 
 import condense  # noqa: E402
 from argument import parse_args  # noqa: E402
-from data import DATASETS, ClassSampler, TensorLoader, eval_loader, load_split, stream_generator  # noqa: E402,E501
+from data import (DATASETS, ClassSampler, StreamSet, TensorLoader, eval_loader,  # noqa: E402
+                  load_split, stream_generator)
 from misc.augment import build_match_aug, build_net_aug  # noqa: E402
 from misc.device import autocast, resolve_device, setup_backends  # noqa: E402
 from misc.utils import accuracy, run_main, set_seed  # noqa: E402
@@ -187,20 +194,83 @@ def step_label(kind, step):
     return f'{kind} failed: eager' if getattr(step, 'failed', False) else kind
 
 
+class PerImage(torch.utils.data.Dataset):
+    """One (transform(image), label) at a time, as the original's datasets serve them: for
+    training, its TensorDataset of the decoded images with a Normalize; for validation,
+    torchvision's dataset classes, which make each uint8 image a PIL image (`pil=True`) for
+    ToTensor and Normalize."""
+
+    def __init__(self, images, targets, transform, pil=False):
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
+        self.transform, self.pil = transform, pil
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.pil:
+            from PIL import Image
+            arr = img.permute(1, 2, 0).numpy()  # (H, W, C) uint8
+            img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        return self.transform(img), int(self.targets[i])
+
+
+class OriginalLoader:
+    """Batches of a torch DataLoader, each moved to `device` when it arrives (the original's
+    `input.cuda()`); iterable once per epoch."""
+
+    def __init__(self, dataset, batch_size, device, shuffle=False, workers=0):
+        self.device = device
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                                  shuffle=shuffle, num_workers=workers,
+                                                  persistent_workers=workers > 0)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
+
+
+def original_loaders(args, images, targets, val_set, device):
+    """The original test.py's data path for DSA evaluation: the decoded images one at a time
+    through a Normalize, batches of --batch_size, no workers; the test split through
+    ToTensor and Normalize per image in 4 workers, batches of --batch_size // 2."""
+    import torchvision.transforms as T
+    info = DATASETS[args.dataset]
+    norm = T.Normalize(info.mean, info.std)
+    train = OriginalLoader(PerImage(images.cpu(), targets.cpu(), norm), args.batch_size,
+                           device, shuffle=True)
+    if isinstance(val_set, StreamSet):  # ImageNet files: read by workers already
+        return train, eval_loader(val_set, args.dataset, device, batch_size=args.batch_size // 2)
+    val = OriginalLoader(PerImage(val_set.images, val_set.targets,
+                                  T.Compose([T.ToTensor(), norm]), pil=True),
+                         args.batch_size // 2, device, workers=4)
+    return train, val
+
+
 @torch.no_grad()
 def plain_validate(model, loader):
-    """Validation the original's way: NCHW, one batch after the other (accuracy only)."""
+    """Validation the original's way: NCHW, one batch after the other, the loss and the
+    accuracies read by the host per batch."""
     model.eval()
     for x, y in loader:
-        accuracy(model(x), y, topk=(1, 5))
+        out = model(x)
+        F.cross_entropy(out, y).item()
+        accuracy(out, y, topk=(1, 5))
 
 
 def bench_eval(args, device, images, targets, val_set, epochs, reference):
     """Seconds per training epoch on `images` (the protocol's augmentation, CutMix, optimizer),
     per validation pass, and the protocol's 1000 epochs + 4 validations (+ compilation)."""
     normalize, aug = train_augment(args)
-    loader = TensorLoader(images, targets, args.batch_size, device, normalize, shuffle=True)
-    val = eval_loader(val_set, args.dataset, device)
+    if reference and args.dsa:
+        loader, val = original_loaders(args, images, targets, val_set, device)
+    else:
+        loader = TensorLoader(images, targets, args.batch_size, device, normalize, shuffle=True)
+        val = eval_loader(val_set, args.dataset, device)
     model = build_model(args).to(device)
     optimizer, _ = make_optimizer(args, model, 1000)
     full = eval_epochs(args)
@@ -285,11 +355,17 @@ def main():
                    help='do not time the per-class loop in this process')
     p.add_argument('--skip_reference', action='store_true',
                    help='do not run the reference process (the original\'s way)')
+    p.add_argument('--reference_runs', type=int, default=3,
+                   help='reference processes to run; their median figures are compared (one '
+                        'process varies by up to a factor of two, with its memory allocator)')
     p.add_argument('--reference', action='store_true',
                    help='measure the original\'s way only (what the reference process runs)')
     p.add_argument('--extra', default='',
                    help='more condense.py options, e.g. --extra="--compile off"')
     opt = p.parse_args()
+    if opt.reference_runs < 1:
+        p.error(f'--reference_runs must be at least 1, not {opt.reference_runs} '
+                f'(--skip_reference leaves the reference out)')
 
     out = {'dataset': opt.dataset, 'ipc': opt.ipc, 'factor': opt.factor, 'steps': opt.steps,
            'eval_ipc': opt.eval_ipc, 'options': opt.extra, 'torch': torch.__version__,
@@ -301,15 +377,31 @@ def main():
                '--data_dir', opt.data_dir, '--ipc', str(opt.ipc), '--factor', str(opt.factor),
                '--steps', str(opt.steps), '--eval_epochs', str(opt.eval_epochs),
                '--eval_ipc', str(opt.eval_ipc), '--device', opt.device, f'--extra={opt.extra}']
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f'the reference process failed:\n{r.stderr[-2000:]}')
-        ref = json.loads(r.stdout.strip().splitlines()[-1])
+        refs = []
+        for _ in range(opt.reference_runs):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f'the reference process failed:\n{r.stderr[-2000:]}')
+            refs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        ref = median_figures(refs)
         out['reference'] = {k: v for k, v in ref.items() if k not in out or out[k] != v}
-        out['speedup'] = ref['step_s'] / out['step_s']
         key = next(k for k in ref if k.startswith('eval_') and k.endswith('_epochs_s'))
+        if len(refs) > 1:
+            keys = ('step_s', 'eval_epoch_s', 'val_pass_s', key)
+            out['reference_runs'] = [{k: r[k] for k in keys} for r in refs]
+        out['speedup'] = ref['step_s'] / out['step_s']
         out['eval_speedup'] = ref[key] / out[key]
     print(json.dumps(rounded(out)))
+
+
+def median_figures(runs):
+    """One dict of the runs' figures: the median of each number (the lower middle one for an
+    even count), the first run's value of anything else."""
+    out = dict(runs[0])
+    for k, v in out.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = sorted(r[k] for r in runs)[(len(runs) - 1) // 2]
+    return out
 
 
 def rounded(obj):
