@@ -18,7 +18,8 @@
 # (the session of 2026-11-27 kept its checkpoint in the ignored .gpu/idc: RESUME=.gpu/idc)
 #
 # Options by environment: PY (python3), DEV (cuda), EVAL_S (100), STEPS (10, benchmark steps),
-# RESUME (none), VARIANTS (1), TESTS_ALONE (0). The variants were measured on 2026-11-27 and
+# REF_RUNS (1, the benchmark's reference processes), RESUME (none), VARIANTS (1),
+# TESTS_ALONE (0). The variants were measured on 2026-11-27 and
 # the other CUDA tests did not finish beside the condensation, so the next session should run
 #   VARIANTS=0 TESTS_ALONE=1 RESUME=.gpu/idc ...
 set -u
@@ -56,7 +57,7 @@ IDC_FASHION_DIR=$F timeout "$(cap 60 "$EVAL_S")" $PY -m pytest "${PT[@]}" tests/
     -k "graph" >"$OUT/tests_graphs.log" 2>&1
 el "graph tests: rc $? ($(grep -E 'passed|failed' "$OUT/tests_graphs.log" | tail -1))"
 
-bench 150
+bench 150 --reference_runs "${REF_RUNS:-1}"  # the GPU's minutes are few: one reference process
 if [ "${VARIANTS:-1}" = 1 ]; then
     bench 60 --skip_reference "--extra=--cuda_graphs off"
     bench 60 --skip_reference "--extra=--tf32"
