@@ -252,12 +252,13 @@ def original_loaders(args, images, targets, val_set, device):
 
 
 @torch.no_grad()
-def plain_validate(model, loader):
+def plain_validate(model, loader, ctx):
     """Validation the original's way: NCHW, one batch after the other, the loss and the
     accuracies read by the host per batch."""
     model.eval()
     for x, y in loader:
-        out = model(x)
+        with ctx:
+            out = model(x).float()
         F.cross_entropy(out, y).item()
         accuracy(out, y, topk=(1, 5))
 
@@ -276,13 +277,14 @@ def bench_eval(args, device, images, targets, val_set, epochs, reference):
     full = eval_epochs(args)
     kind = None if reference else train_step_kind(args, device, full * len(loader))
     step = make_train_step(kind, model, print_err)
+    ctx = autocast(device, args.amp)  # test.py's: --amp applies to the evaluation too
 
     def run(n):
         sync(device)
         t = time.perf_counter()
         for _ in range(n):
             train_epoch(model, loader, optimizer, aug=aug, mixup=args.mixup, beta=args.beta,
-                        mix_p=args.mix_p, step=step)
+                        mix_p=args.mix_p, ctx=ctx, step=step)
         sync(device)
         return time.perf_counter() - t
 
@@ -295,9 +297,9 @@ def bench_eval(args, device, images, targets, val_set, epochs, reference):
         sync(device)
         t = time.perf_counter()
         if reference:
-            plain_validate(model, val)
+            plain_validate(model, val, ctx)
         else:
-            validate(model, val, forward=forward)
+            validate(model, val, ctx, forward=forward)
         sync(device)
         return time.perf_counter() - t
 
