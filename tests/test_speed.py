@@ -414,6 +414,32 @@ def test_the_references_original_data_path_serves_the_same_images(fake_fashion):
     assert torch.equal(torch.stack([ds[i][0] for i in range(6)]), rgb.float() / 255)
 
 
+@pytest.mark.parametrize('amp', [False, True])
+def test_the_benchmarks_evaluation_runs_under_amp_when_asked(fake_fashion, monkeypatch, amp):
+    # test.py trains and validates under --amp's autocast; the benchmark's evaluation must too,
+    # or its --amp figures are fp32's
+    import misc.benchmark as bench
+    from data import load_split
+    seen = []
+
+    def spy(fn):
+        def wrapped(*a, **kw):
+            ctx = kw.get('ctx', a[2] if fn.__name__ == 'validate' and len(a) > 2 else None)
+            seen.append((fn.__name__, isinstance(ctx, torch.autocast)))
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(bench, 'train_epoch', spy(bench.train_epoch))
+    monkeypatch.setattr(bench, 'validate', spy(bench.validate))
+    argv = ['-d', 'fashion', '--data_dir', fake_fashion, '--ipc', '1', '-f', '2', '--reproduce',
+            '--width', '0.125', '--compile', 'off', '--device', 'cpu'] + (['--amp'] if amp else [])
+    args = parse_args(argv, mode='condense')
+    images, targets = torch.rand(40, 1, 28, 28), torch.arange(10).repeat(4)
+    out = bench.bench_eval(args, CPU, images, targets, load_split(args, train=False), 1, False)
+    assert out['eval_epoch_s'] > 0 and out['val_pass_s'] > 0
+    assert {name for name, _ in seen} == {'train_epoch', 'validate'}
+    assert all(under == amp for _, under in seen)
+
+
 def test_precision_script_prints_the_four_ways_against_float64(fake_fashion):
     r = subprocess.run([sys.executable, str(ROOT / 'misc' / 'precision.py'), '--data_dir',
                         fake_fashion, '--draws', '2', '--ipc', '2',
