@@ -7,9 +7,10 @@ sensitive to rounding (a ReLU that flips changes the gradient by a finite step).
 random draws (a fresh ConvNet-3, a real batch of one class, a synthetic batch of decoded real
 images, one augmentation draw; FashionMNIST's `--reproduce` settings, --ipc 10, factor 2), this
 computes d loss / d synthetic batch in float32 four ways (eager and compiled, NCHW and
-channels_last) and prints ONE JSON line with each one's relative distance to the same
+channels_last), and a fifth way under --amp's autocast (bf16 on the CPU, eager NCHW:
+`eager_nchw_amp`), and prints ONE JSON line with each one's relative distance to the same
 computation in float64: per draw, median and max. It is the evidence behind --match_layout's
-default.
+default and behind the advice not to condense with --amp.
 
 This is an entry-point script: it imports condense.py (nothing imports it).
 """
@@ -29,7 +30,7 @@ import condense  # noqa: E402
 from argument import parse_args  # noqa: E402
 from data import DATASETS, ClassSampler, load_split, stream_generator  # noqa: E402
 from misc.augment import build_match_aug  # noqa: E402
-from misc.device import setup_backends  # noqa: E402
+from misc.device import autocast, setup_backends  # noqa: E402
 
 LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
@@ -55,6 +56,7 @@ def main():
         log=lambda msg: sys.exit(msg)) for name in LAYOUTS}
     eager = condense.GradMatcher(model, args)
     errors = {f'{impl}_{name}': [] for impl in ('eager', 'compiled') for name in LAYOUTS}
+    errors['eager_nchw_amp'] = []
     for draw in range(opt.draws):
         torch.manual_seed(draw)
         model.load_state_dict(condense.new_network_shell(args, torch.device('cpu'))[0]
@@ -79,6 +81,9 @@ def main():
             errors[f'eager_{name}'].append(err(g))
             errors[f'compiled_{name}'].append(err(compiled[name](real, syn, lab_real,
                                                                  lab_syn)[1]))
+        with autocast(torch.device('cpu'), True):  # what condense.py --amp runs
+            _, g = eager(real, syn, lab_real, lab_syn)
+        errors['eager_nchw_amp'].append(err(g))
     out = {'draws': opt.draws, 'torch': torch.__version__}
     for k, v in errors.items():
         out[k] = {'median': float(f'{statistics.median(v):.2g}'),

@@ -440,7 +440,7 @@ def test_the_benchmarks_evaluation_runs_under_amp_when_asked(fake_fashion, monke
     assert all(under == amp for _, under in seen)
 
 
-def test_precision_script_prints_the_four_ways_against_float64(fake_fashion):
+def test_precision_script_prints_the_five_ways_against_float64(fake_fashion):
     r = subprocess.run([sys.executable, str(ROOT / 'misc' / 'precision.py'), '--data_dir',
                         fake_fashion, '--draws', '2', '--ipc', '2',
                         '--extra=--width 0.125 --batch_real 8'],
@@ -452,6 +452,9 @@ def test_precision_script_prints_the_four_ways_against_float64(fake_fashion):
         # float32 against float64: small, and not exactly zero for every draw
         assert 0 < out[way]['max'] < 0.05, (way, out[way])
         assert out[way]['median'] <= out[way]['max']
+    # bf16 autocast (--amp): further from float64 than float32 is, and reported per draw
+    amp = out['eager_nchw_amp']
+    assert len(amp['per_draw']) == 2 and amp['median'] > out['eager_nchw']['median']
 
 
 def _double_state(fake_fashion, **kw):
