@@ -190,6 +190,18 @@ def test_short_runs_and_test_flag_write_data(fake_fashion, tmp_path):
     data, _ = safe_load(out / 'data.pt')
     assert data.shape == (20, 1, 28, 28)
     assert not any(json.loads(ln)['event'] == 'eval' for ln in open(out / 'metrics.jsonl'))
+    assert 'Warning: --amp' not in (out / 'log.txt').read_text()
+
+
+def test_condensing_with_amp_warns_in_the_log(fake_fashion, tmp_path):
+    # --amp runs the matching in bf16 on the CPU, 30x further from float64 than fp32: the run
+    # says so and still runs (test_short_runs_and_test_flag_write_data: no warning without it)
+    out = tmp_path / 'amp'
+    argv = cli(fake_fashion, out, '--test', '--amp')
+    argv[argv.index('--inner_loop') + 1] = '100'  # n_iter = 1
+    condense.main(parse_args(argv, mode='condense'))
+    assert safe_load(out / 'data.pt')[0].shape == (20, 1, 28, 28)
+    assert 'Warning: --amp runs the matching in bf16' in (out / 'log.txt').read_text()
 
 
 def test_sigkill_then_resume_matches_uninterrupted(fake_fashion, tmp_path):
