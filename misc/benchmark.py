@@ -39,6 +39,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -210,7 +212,6 @@ class PerImage(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img = self.images[i]
         if self.pil:
-            from PIL import Image
             arr = img.permute(1, 2, 0).numpy()  # (H, W, C) uint8
             img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
         return self.transform(img), int(self.targets[i])
@@ -238,7 +239,6 @@ def original_loaders(args, images, targets, val_set, device):
     """The original test.py's data path for DSA evaluation: the decoded images one at a time
     through a Normalize, batches of --batch_size, no workers; the test split through
     ToTensor and Normalize per image in 4 workers, batches of --batch_size // 2."""
-    import torchvision.transforms as T
     info = DATASETS[args.dataset]
     norm = T.Normalize(info.mean, info.std)
     train = OriginalLoader(PerImage(images.cpu(), targets.cpu(), norm), args.batch_size,
