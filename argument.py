@@ -105,7 +105,9 @@ def get_parser():
     a('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
     a('--save_dir', default='', help='output folder (default: derived from the options)')
     a('--resume', action='store_true', help='continue the run from its checkpoint')
-    a('--amp', action='store_true', help='autocast (bf16 on CPU, fp16 on CUDA); off by default')
+    a('--amp', action='store_true',
+      help='autocast (bf16 on CPU, fp16 on CUDA); off by default. For evaluation (test.py); '
+           'condense.py warns: its gradient matching loses precision in bf16')
     # Condense
     a('-i', '--ipc', type=int, default=-1, help='images per class in the condensed storage')
     a('-f', '--factor', type=int, default=1, help='multi-formation factor (1 is IDC-I)')
