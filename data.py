@@ -412,7 +412,8 @@ class TensorLoader:
 
 
 class StreamLoader:
-    """Batches of a StreamSet read by DataLoader workers, moved to `device` and normalized."""
+    """Batches of a dataset that serves images one at a time (a StreamSet's files, for one)
+    read by DataLoader workers (none for workers=0), moved to `device` and normalized."""
 
     def __init__(self, dataset, batch_size, device, normalize=None, shuffle=False, workers=4):
         self.device = torch.device(device)

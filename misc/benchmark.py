@@ -22,8 +22,8 @@ settings, so `--compile auto` compiles):
 process's main figures: one process's figures vary by up to a factor of two) run the
 original's way: the per-class loop with loss.backward() and one optimizer step per class,
 eager training, NCHW inference, and the C library's default memory allocator; its evaluation
-reads the data as the original's test.py does (OriginalLoader: a DataLoader over one image at a
-time, a per-image transform, the test split as PIL images through ToTensor and Normalize in 4
+reads the data as the original's test.py does (original_loaders: a DataLoader over one image
+at a time, a per-image transform, the test split as PIL images through ToTensor and Normalize in 4
 worker processes, batches of --batch_size // 2 for validation). `speedup` and `eval_speedup`
 compare with it.
 
@@ -49,8 +49,8 @@ sys.path.insert(0, ROOT)
 
 import condense  # noqa: E402
 from argument import parse_args  # noqa: E402
-from data import (DATASETS, ClassSampler, StreamSet, TensorLoader, eval_loader,  # noqa: E402
-                  load_split, stream_generator)
+from data import (DATASETS, ClassSampler, StreamLoader, StreamSet, TensorLoader,  # noqa: E402
+                  eval_loader, load_split, stream_generator)
 from misc.augment import build_match_aug, build_net_aug  # noqa: E402
 from misc.device import autocast, resolve_device, setup_backends  # noqa: E402
 from misc.utils import accuracy, run_main, set_seed  # noqa: E402
@@ -217,37 +217,20 @@ class PerImage(torch.utils.data.Dataset):
         return self.transform(img), int(self.targets[i])
 
 
-class OriginalLoader:
-    """Batches of a torch DataLoader, each moved to `device` when it arrives (the original's
-    `input.cuda()`); iterable once per epoch."""
-
-    def __init__(self, dataset, batch_size, device, shuffle=False, workers=0):
-        self.device = device
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                                  shuffle=shuffle, num_workers=workers,
-                                                  persistent_workers=workers > 0)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for x, y in self.loader:
-            yield x.to(self.device), y.to(self.device)
-
-
 def original_loaders(args, images, targets, val_set, device):
     """The original test.py's data path for DSA evaluation: the decoded images one at a time
     through a Normalize, batches of --batch_size, no workers; the test split through
-    ToTensor and Normalize per image in 4 workers, batches of --batch_size // 2."""
+    ToTensor and Normalize per image in 4 workers, batches of --batch_size // 2. Each batch
+    moves to `device` as it arrives, as the original's did."""
     info = DATASETS[args.dataset]
     norm = T.Normalize(info.mean, info.std)
-    train = OriginalLoader(PerImage(images.cpu(), targets.cpu(), norm), args.batch_size,
-                           device, shuffle=True)
+    train = StreamLoader(PerImage(images.cpu(), targets.cpu(), norm), args.batch_size, device,
+                         shuffle=True, workers=0)
     if isinstance(val_set, StreamSet):  # ImageNet files: read by workers already
         return train, eval_loader(val_set, args.dataset, device, batch_size=args.batch_size // 2)
-    val = OriginalLoader(PerImage(val_set.images, val_set.targets,
-                                  T.Compose([T.ToTensor(), norm]), pil=True),
-                         args.batch_size // 2, device, workers=4)
+    val = StreamLoader(PerImage(val_set.images, val_set.targets,
+                                T.Compose([T.ToTensor(), norm]), pil=True),
+                       args.batch_size // 2, device, workers=4)
     return train, val
 
 
