@@ -579,7 +579,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
                f' autocast. The matching differentiates a difference of two gradients: on the CPU'
                f' (bf16) its gradient was 6% from float64\'s against 0.2% in fp32'
                f' (misc/precision.py). Its accuracy was checked only on short CPU runs (200'
-               f' inner steps, FashionMNIST ipc 1: the same as fp32 within noise; README);'
+               f' and 600 inner steps, FashionMNIST ipc 1: the same as fp32 within noise; README);'
                f' longer runs and fp16 on CUDA are unchecked. --amp is meant for test.py.')
     logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
            f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations' +
