@@ -15,13 +15,14 @@
 #
 # On a lent machine whose output folder takes few files, run it into another folder and pack it:
 #   OUT=/tmp/gc F=... bash misc/gpu_check.sh; tar czf "$OUT/gpu_check.tgz" -C /tmp/gc .
-# (the session of 2026-11-27 kept its checkpoint in the ignored .gpu/idc: RESUME=.gpu/idc)
+# (the 3,300-step checkpoint of 2026-11-27, kept in the ignored .gpu/idc, was lost with its
+# machine on 2026-11-28; give RESUME= only where a checkpoint folder exists)
 #
 # Options by environment: PY (python3), DEV (cuda), EVAL_S (100), STEPS (10, benchmark steps),
 # REF_RUNS (1, the benchmark's reference processes), RESUME (none), VARIANTS (1),
 # TESTS_ALONE (0). The variants were measured on 2026-11-27 and
 # the other CUDA tests did not finish beside the condensation, so the next session should run
-#   VARIANTS=0 TESTS_ALONE=1 RESUME=.gpu/idc ...
+#   VARIANTS=0 TESTS_ALONE=1 ...
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
