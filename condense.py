@@ -24,7 +24,8 @@ from data import (DATASETS, ClassSampler, decode, decode_classwise, eval_loader,
                   stream_generator)
 from misc import dist as distributed
 from misc.augment import build_match_aug, build_net_aug
-from misc.device import autocast, call_compiled, compiled, setup_backends, want_compile
+from misc.device import (autocast, call_compiled, compiled, setup_backends, slow_amp_warning,
+                         want_compile)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
                         get_world_size, is_main_process, run_main, safe_load, save_img,
                         set_seed, to_device)
@@ -581,6 +582,8 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
                f' (misc/precision.py). Its accuracy was checked only on short CPU runs (200'
                f' and 600 inner steps, FashionMNIST ipc 1: the same as fp32 within noise; README);'
                f' longer runs and fp16 on CUDA are unchecked. --amp is meant for test.py.')
+        if (warning := slow_amp_warning(device, args.amp)):
+            logger(warning)
     logger(f'Condensing {len(classes)} classes x {args.ipc} images (factor {args.factor}) with '
            f'{args.match} matching: {n_iter} outer x {args.inner_loop} inner iterations' +
            (f'; {world} ranks, rank r matches classes r, r+{world}, ... and trains on its share '

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from coreset import get_features, herding_select, random_select
 from data import (DATASETS, TensorLoader, decode_classwise, eval_loader, load_split, to_float)
-from misc.device import autocast, resolve_device, setup_backends
+from misc.device import autocast, resolve_device, setup_backends, slow_amp_warning
 from misc.utils import (Logger, UserError, atomic_write_json, run_main, safe_load, save_img,
                         set_seed)
 from models import get_model
@@ -418,6 +418,8 @@ def main(args):
            f'{args.factor}; outputs in {out}; device {device}')
     for line in args.derived:
         logger(f'  {line}')
+    if (warning := slow_amp_warning(device, args.amp)):
+        logger(warning)
 
     images, targets = select_data(args, paths, device, logger)
     # condense.py's args.json lives beside its data.pt: keep it.

@@ -27,7 +27,7 @@ from data import (DATASETS, StreamLoader, TensorLoader, eval_loader, load_split,
                   standard_augment)
 from misc.augment import Compose, DiffAug
 from misc.device import (autocast, call_compiled, compiled, error_summary, resolve_device,
-                         setup_backends, want_compile, want_graphs)
+                         setup_backends, slow_amp_warning, want_compile, want_graphs)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, cutmix, run_main,
                         safe_load, set_seed, to_device, topk_correct)
 from models import get_model
@@ -639,6 +639,8 @@ def main(args):
            f'device {device}')
     for line in args.derived:
         logger(f'  {line}')
+    if (warning := slow_amp_warning(device, args.amp)):
+        logger(warning)
     atomic_write_json(os.path.join(args.save_dir, 'args.json'), jsonable_args(args))
 
     trainset = load_split(args, train=True)

@@ -193,15 +193,20 @@ def test_short_runs_and_test_flag_write_data(fake_fashion, tmp_path):
     assert 'Warning: --amp' not in (out / 'log.txt').read_text()
 
 
-def test_condensing_with_amp_warns_in_the_log(fake_fashion, tmp_path):
+def test_condensing_with_amp_warns_in_the_log(fake_fashion, tmp_path, monkeypatch):
     # --amp runs the matching in bf16 on the CPU, 30x further from float64 than fp32: the run
-    # says so and still runs (test_short_runs_and_test_flag_write_data: no warning without it)
+    # says so and still runs (test_short_runs_and_test_flag_write_data: no warning without it);
+    # on a CPU without bf16 instructions it also says that bf16 is emulated there, and slow
+    import misc.device
+    monkeypatch.setattr(misc.device, 'cpu_has_native_bf16', lambda: False)
     out = tmp_path / 'amp'
     argv = cli(fake_fashion, out, '--test', '--amp')
     argv[argv.index('--inner_loop') + 1] = '100'  # n_iter = 1
     condense.main(parse_args(argv, mode='condense'))
     assert safe_load(out / 'data.pt')[0].shape == (20, 1, 28, 28)
-    assert 'Warning: --amp runs the matching in bf16' in (out / 'log.txt').read_text()
+    log = (out / 'log.txt').read_text()
+    assert 'Warning: --amp runs the matching in bf16' in log
+    assert 'Warning: --amp on this CPU: it has no bf16 instructions' in log
 
 
 def test_sigkill_then_resume_matches_uninterrupted(fake_fashion, tmp_path):
