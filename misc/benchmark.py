@@ -25,7 +25,8 @@ eager training, NCHW inference, and the C library's default memory allocator; it
 reads the data as the original's test.py does (original_loaders: a DataLoader over one image
 at a time, a per-image transform, the test split as PIL images through ToTensor and Normalize in 4
 worker processes, batches of --batch_size // 2 for validation). `speedup` and `eval_speedup`
-compare with it.
+compare with it. `machine` says what it ran on (CPU model, cores, vector instructions, bf16 in
+hardware, GPU).
 
 This is an entry-point script: it imports condense.py and test.py (nothing imports it).
 """
@@ -33,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -52,7 +54,7 @@ from argument import parse_args  # noqa: E402
 from data import (DATASETS, ClassSampler, StreamLoader, StreamSet, TensorLoader,  # noqa: E402
                   eval_loader, load_split, stream_generator)
 from misc.augment import build_match_aug, build_net_aug  # noqa: E402
-from misc.device import autocast, resolve_device, setup_backends  # noqa: E402
+from misc.device import autocast, cpu_has_native_bf16, resolve_device, setup_backends  # noqa: E402
 from misc.utils import accuracy, run_main, set_seed  # noqa: E402
 from test import eval_epochs  # noqa: E402
 from train import (CompiledForward, build_model, make_optimizer, make_train_step,  # noqa: E402
@@ -357,6 +359,7 @@ def main():
            'threads': torch.get_num_threads()}
     out.update(measure(opt, opt.reference))
     out['device'] = str(resolve_device(opt.device))
+    out['machine'] = machine(resolve_device(opt.device))
     if not opt.reference and not opt.skip_reference:
         cmd = [sys.executable, os.path.abspath(__file__), '--reference', '--dataset', opt.dataset,
                '--data_dir', opt.data_dir, '--ipc', str(opt.ipc), '--factor', str(opt.factor),
@@ -377,6 +380,24 @@ def main():
         out['speedup'] = ref['step_s'] / out['step_s']
         out['eval_speedup'] = ref[key] / out[key]
     print(json.dumps(rounded(out)))
+
+
+def machine(device):
+    """What the figures were measured on: the CPU's model name (from /proc/cpuinfo where there
+    is one), its logical cores, the vector instructions torch's CPU kernels use, whether it
+    computes bf16 in hardware (what --amp needs to gain on a CPU), and the GPU's name when the run used one. This project's development
+    machines changed from session to session, and their figures differed by 2x."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next(line.split(':', 1)[1].strip() for line in f
+                        if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == 'cuda' else None
+    return {'cpu': name, 'cores': os.cpu_count(),
+            'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+            'cpu_bf16': cpu_has_native_bf16(), 'gpu': gpu}
 
 
 def median_figures(runs):

@@ -379,6 +379,10 @@ def test_benchmark_prints_one_json_line_with_the_reference(fake_fashion):
     assert ref['eval_1000_epochs_s'] == min(r['eval_1000_epochs_s'] for r in runs)
     assert out['loop_same_process']['step_s'] > 0
     assert out['eval_images'] == 10 * 4  # ipc 1, factor 2
+    # what it ran on, so that figures from different machines are told apart
+    m = out['machine']
+    assert isinstance(m['cpu'], str) and m['cpu'] and m['cores'] >= 1
+    assert isinstance(m['cpu_bf16'], bool) and m['gpu'] is None
 
 
 def test_the_references_original_data_path_serves_the_same_images(fake_fashion):
