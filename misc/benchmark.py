@@ -358,8 +358,9 @@ def main():
            'eval_ipc': opt.eval_ipc, 'options': opt.extra, 'torch': torch.__version__,
            'threads': torch.get_num_threads()}
     out.update(measure(opt, opt.reference))
-    out['device'] = str(resolve_device(opt.device))
-    out['machine'] = machine(resolve_device(opt.device))
+    device = resolve_device(opt.device)
+    out['device'] = str(device)
+    out['machine'] = machine(device)
     if not opt.reference and not opt.skip_reference:
         cmd = [sys.executable, os.path.abspath(__file__), '--reference', '--dataset', opt.dataset,
                '--data_dir', opt.data_dir, '--ipc', str(opt.ipc), '--factor', str(opt.factor),
@@ -385,8 +386,9 @@ def main():
 def machine(device):
     """What the figures were measured on: the CPU's model name (from /proc/cpuinfo where there
     is one), its logical cores, the vector instructions torch's CPU kernels use, whether it
-    computes bf16 in hardware (what --amp needs to gain on a CPU), and the GPU's name when the run used one. This project's development
-    machines changed from session to session, and their figures differed by 2x."""
+    computes bf16 in hardware (what --amp needs to gain on a CPU), and the GPU's name when the
+    run used one. This project's development machines changed from session to session, and
+    their figures differed by 2x."""
     name = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
