@@ -25,8 +25,12 @@ eager training, NCHW inference, and the C library's default memory allocator; it
 reads the data as the original's test.py does (original_loaders: a DataLoader over one image
 at a time, a per-image transform, the test split as PIL images through ToTensor and Normalize in 4
 worker processes, batches of --batch_size // 2 for validation). `speedup` and `eval_speedup`
-compare with it. `machine` says what it ran on (CPU model, cores, vector instructions, bf16 in
-hardware, GPU).
+compare with it. The machine's speed drifts from minute to minute on shared hosts, so our side
+is measured again in fresh processes (`ours_runs`, the first being this process) that alternate
+with the reference ones: round k pairs our k-th run with the k-th reference run, and
+`speedup_paired` / `eval_speedup_paired` are the medians of the rounds' ratios (each round's
+two processes ran minutes apart, in about the same phase of the machine). `machine` says what
+it ran on (CPU model, cores, vector instructions, bf16 in hardware, GPU).
 
 This is an entry-point script: it imports condense.py and test.py (nothing imports it).
 """
@@ -343,16 +347,24 @@ def main():
     p.add_argument('--skip_reference', action='store_true',
                    help='do not run the reference process (the original\'s way)')
     p.add_argument('--reference_runs', type=int, default=3,
-                   help='reference processes to run; their median figures are compared (one '
-                        'process varies by up to a factor of two, with its memory allocator)')
+                   help='reference processes to run, alternating with as many of ours (this '
+                        'process is the first); their median figures are compared (one process '
+                        'varies by up to a factor of two, with its memory allocator and the '
+                        'machine\'s load)')
     p.add_argument('--reference', action='store_true',
                    help='measure the original\'s way only (what the reference process runs)')
+    p.add_argument('--ours', action='store_true',
+                   help='measure our way only, without the loop (what our extra processes run)')
     p.add_argument('--extra', default='',
                    help='more condense.py options, e.g. --extra="--compile off"')
     opt = p.parse_args()
     if opt.reference_runs < 1:
         p.error(f'--reference_runs must be at least 1, not {opt.reference_runs} '
                 f'(--skip_reference leaves the reference out)')
+    if opt.reference and opt.ours:
+        p.error('--reference and --ours measure one side each; give one of them')
+    child = opt.reference or opt.ours
+    opt.skip_loop = opt.skip_loop or child
 
     out = {'dataset': opt.dataset, 'ipc': opt.ipc, 'factor': opt.factor, 'steps': opt.steps,
            'eval_ipc': opt.eval_ipc, 'options': opt.extra, 'torch': torch.__version__,
@@ -361,26 +373,40 @@ def main():
     device = resolve_device(opt.device)
     out['device'] = str(device)
     out['machine'] = machine(device)
-    if not opt.reference and not opt.skip_reference:
-        cmd = [sys.executable, os.path.abspath(__file__), '--reference', '--dataset', opt.dataset,
+    if not child and not opt.skip_reference:
+        compare(opt, out)
+    print(json.dumps(rounded(out)))
+
+
+def compare(opt, out):
+    """Rounds of the reference process and (from the second round on) one more process of ours,
+    alternating: `reference` (median figures), `reference_runs`, `ours_runs`, the speedups."""
+    def child(side, what):
+        cmd = [sys.executable, os.path.abspath(__file__), side, '--dataset', opt.dataset,
                '--data_dir', opt.data_dir, '--ipc', str(opt.ipc), '--factor', str(opt.factor),
                '--steps', str(opt.steps), '--eval_epochs', str(opt.eval_epochs),
                '--eval_ipc', str(opt.eval_ipc), '--device', opt.device, f'--extra={opt.extra}']
-        refs = []
-        for _ in range(opt.reference_runs):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f'the reference process failed:\n{r.stderr[-2000:]}')
-            refs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-        ref = median_figures(refs)
-        out['reference'] = {k: v for k, v in ref.items() if k not in out or out[k] != v}
-        key = next(k for k in ref if k.startswith('eval_') and k.endswith('_epochs_s'))
-        if len(refs) > 1:
-            keys = ('step_s', 'eval_epoch_s', 'val_pass_s', key)
-            out['reference_runs'] = [{k: r[k] for k in keys} for r in refs]
-        out['speedup'] = ref['step_s'] / out['step_s']
-        out['eval_speedup'] = ref[key] / out[key]
-    print(json.dumps(rounded(out)))
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f'{what} failed:\n{r.stderr[-2000:]}')
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    ours, refs = [out], []
+    for k in range(opt.reference_runs):
+        if k > 0:
+            ours.append(child('--ours', f'our process of round {k + 1}'))
+        refs.append(child('--reference', 'the reference process'))
+    ref = median_figures(refs)
+    out['reference'] = {k: v for k, v in ref.items() if k not in out or out[k] != v}
+    key = next(k for k in ref if k.startswith('eval_') and k.endswith('_epochs_s'))
+    if len(refs) > 1:
+        keys = ('step_s', 'eval_epoch_s', 'val_pass_s', key, 'conv_peak_gflops')
+        out['reference_runs'] = [{k: r[k] for k in keys} for r in refs]
+        out['ours_runs'] = [{k: r[k] for k in keys} for r in ours]
+    out['speedup'] = ref['step_s'] / out['step_s']
+    out['eval_speedup'] = ref[key] / out[key]
+    out['speedup_paired'] = median([r['step_s'] / o['step_s'] for o, r in zip(ours, refs)])
+    out['eval_speedup_paired'] = median([r[key] / o[key] for o, r in zip(ours, refs)])
 
 
 def machine(device):
@@ -402,13 +428,18 @@ def machine(device):
             'cpu_bf16': cpu_has_native_bf16(), 'gpu': gpu}
 
 
+def median(values):
+    """The middle value (the lower middle one for an even count)."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
 def median_figures(runs):
     """One dict of the runs' figures: the median of each number (the lower middle one for an
     even count), the first run's value of anything else."""
     out = dict(runs[0])
     for k, v in out.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = sorted(r[k] for r in runs)[(len(runs) - 1) // 2]
+            out[k] = median([r[k] for r in runs])
     return out
 
 
@@ -417,6 +448,8 @@ def rounded(obj):
         return round(obj, 4)
     if isinstance(obj, dict):
         return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v) for v in obj]
     return obj
 
 

@@ -198,6 +198,10 @@ def test_the_benchmark_exits_2_on_a_user_error(fake_fashion):
                         fake_fashion, '--reference_runs', '0'],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and '--reference_runs must be at least 1' in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / 'misc' / 'benchmark.py'), '--data_dir',
+                        fake_fashion, '--reference', '--ours'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and 'give one of them' in r.stderr
 
 
 def test_cuda_graphs_on_without_a_gpu_exits_2_before_writing(fake_fashion, tmp_path):
@@ -377,6 +381,16 @@ def test_benchmark_prints_one_json_line_with_the_reference(fake_fashion):
     assert len(runs) == 2
     assert ref['step_s'] == min(r['step_s'] for r in runs)
     assert ref['eval_1000_epochs_s'] == min(r['eval_1000_epochs_s'] for r in runs)
+    # ours measured again in a fresh process between the two references: each round's ratio,
+    # and the median (the lower of two) of the rounds
+    ours = out['ours_runs']
+    assert len(ours) == 2 and ours[0]['step_s'] == out['step_s']
+    assert ours[1]['step_s'] > 0 and ours[1]['conv_peak_gflops'] > 0
+    ratios = sorted(r['step_s'] / o['step_s'] for o, r in zip(ours, runs))
+    assert out['speedup_paired'] == pytest.approx(ratios[0], rel=1e-2)
+    eval_ratios = sorted(r['eval_1000_epochs_s'] / o['eval_1000_epochs_s']
+                         for o, r in zip(ours, runs))
+    assert out['eval_speedup_paired'] == pytest.approx(eval_ratios[0], rel=1e-2)
     assert out['loop_same_process']['step_s'] > 0
     assert out['eval_images'] == 10 * 4  # ipc 1, factor 2
     # what it ran on, so that figures from different machines are told apart
