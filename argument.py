@@ -65,7 +65,9 @@ def get_parser():
       'folder holding the four IDX files, e.g. /usr/share/datasets/fashion-mnist')
     a('--imagenet_dir', default='./data/imagenet', help='ImageNet folder with train/ and val/')
     a('--nclass', default=10, type=int, help='number of classes (ImageNet subsets)')
-    a('--dseed', default=0, type=int, help='seed of the ImageNet class draw (0: --class_list)')
+    a('--dseed', default=0, type=int,
+      help='seed of the ImageNet class draw when no --class_list is given (0: no draw, the '
+      'first class folders in sorted order)')
     a('--size', default=224, type=int, help='image side (ImageNet)')
     a('--phase', default=-1, type=int, help='index of this class partition (with --nclass_sub)')
     a('--nclass_sub', default=-1, type=int, help='classes per partition (class-partitioned runs)')
@@ -87,7 +89,8 @@ def get_parser():
     a('--momentum', default=0.9, type=float, help='network SGD momentum')
     a('--weight-decay', '--wd', dest='weight_decay', default=5e-4, type=float)
     a('--seed', default=0, type=int, help='random seed (0 is a seed like any other)')
-    a('--pretrained', action='store_true')
+    a('--pretrained', action='store_true',
+      help="the original's flag, accepted so its command lines parse; no effect here")
     # Mixup
     a('--mixup', default='cut', choices=('vanilla', 'cut'), help='mixing for evaluation')
     a('--mixup_net', default='cut', choices=('vanilla', 'cut'),
@@ -98,9 +101,12 @@ def get_parser():
     a('--print-freq', '-p', dest='print_freq', default=10, type=int)
     a('--verbose', action='store_true')
     a('-j', '--workers', default=8, type=int, help='data loading workers (streamed data)')
-    a('--save_ckpt', type=str2bool, default=False, help='train.py: save checkpoints')
+    a('--save_ckpt', type=str2bool, default=False,
+      help='train.py: save checkpoint.pth.tar and model_best.pth.tar (takes a value: '
+      '--save_ckpt true)')
     a('--tag', default='', help='experiment name, prefixed to the folder tag')
-    a('--test', action='store_true', help='debug run: no evaluation, results in ./results/test')
+    a('--test', action='store_true',
+      help='debug run: no evaluation, results in ./results/test unless --save_dir is given')
     a('--time', action='store_true', help='print time spent per step')
     a('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
     a('--save_dir', default='', help='output folder (default: derived from the options)')
@@ -111,25 +117,36 @@ def get_parser():
     # Condense
     a('-i', '--ipc', type=int, default=-1, help='images per class in the condensed storage')
     a('-f', '--factor', type=int, default=1, help='multi-formation factor (1 is IDC-I)')
-    a('--decode_type', default='single', choices=['single', 'multi', 'bound'])
-    a('--init', default='random', choices=['random', 'noise', 'mix'])
+    a('--decode_type', default='single', choices=['single', 'multi', 'bound'],
+      help='multi-formation decode: single (factor x factor cells), multi (the decodes of '
+      'every factor 1..f together), bound (factors from f down to 1, at most --batch_syn_max '
+      'decoded images per class)')
+    a('--init', default='random', choices=['random', 'noise', 'mix'],
+      help='initial stored images: random (the first ipc real images of each class, not a '
+      'random draw), noise, or mix (the first factor^2*ipc real images of each class, shrunk '
+      'into the grid cells; the default when factor > 1)')
     a('-a', '--aug_type', default='color_crop_cutout', help='DSA strategy for matching')
     a('--match', default='grad', choices=['feat', 'grad'])
     a('--metric', default='l1', choices=['mse', 'l1', 'l1_mean', 'l2', 'cos'])
     a('--bias', type=str2bool, default=False, help='match 1-D (bias, norm) gradients too')
     a('--fc', type=str2bool, default=False, help='match the fully connected layer too')
     a('--f_idx', default='4', help="feature-matching layers: 'a' or 'a,b'")
-    a('--niter', type=int, default=500, help='outer iterations x inner_loop / 100')
-    a('--inner_loop', type=int, default=100)
+    a('--niter', type=int, default=500,
+      help='length of the condensation in hundreds of inner steps (2000: 200,000 inner steps, '
+      'i.e. niter*100/inner_loop outer iterations)')
+    a('--inner_loop', type=int, default=100,
+      help='inner steps (class matchings + network update) per outer iteration')
     a('--early', type=int, default=0, help='real-data epochs for each new network')
     a('--fix_iter', type=int, default=-1, help='outer iterations a network is kept')
     a('--net_epoch', type=int, default=1)
     a('--n_data', type=int, default=500, help='real images per network update')
     a('--pt_from', type=int, default=-1, help='pretrained network epoch (./pretrained)')
     a('--pt_num', type=int, default=1, help='pretrained epochs drawn from pt_from..+pt_num-1')
-    a('--batch_real', type=int, default=64)
+    a('--batch_real', type=int, default=64, help='real images per class in each matching')
     a('--batch_syn_max', type=int, default=128)
-    a('--lr_img', type=float, default=5e-3)
+    a('--lr_img', type=float, default=5e-3,
+      help='learning rate of the stored images (scaled by ipc/10 and image size; the folder '
+      'name shows the given value)')
     a('--mom_img', type=float, default=0.5)
     a('--reproduce', action='store_true', help="the paper's settings for this dataset")
     a('--match_impl', default='fast', choices=['fast', 'loop'],
@@ -154,7 +171,7 @@ def get_parser():
       'without --amp')
     # Test
     a('-s', '--slct_type', default='idc', choices=['idc', 'dsa', 'kip', 'random', 'herding'])
-    a('--repeat', default=1, type=int)
+    a('--repeat', default=1, type=int, help='test.py/train.py: networks trained and evaluated')
     a('--dsa', type=str2bool, default=False, help='DSA augmentation for evaluation')
     a('--dsa_strategy', default='color_crop_cutout_flip_scale_rotate')
     a('--rrc', type=str2bool, default=True, help='RandomResizedCrop on ImageNet')

@@ -202,7 +202,8 @@ def check_pretrained(args):
     if not folders:
         raise UserError(f'--pt_from {args.pt_from}: no pretrained networks in '
                         f'./pretrained/{args.datatag}/{args.modeltag}_cut*; train them with '
-                        f'train.py --save_ckpt True and move the run folder there')
+                        f'python train.py -d {args.dataset} --pt_from {args.pt_from} '
+                        f'--pt_num {args.pt_num} (it writes them there)')
     for folder in folders:
         for e in range(args.pt_from, args.pt_from + args.pt_num):
             path = os.path.join(folder, f'checkpoint{e}.pth.tar')

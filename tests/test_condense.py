@@ -251,6 +251,7 @@ def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):
     (['--batch_syn_max', '0'], '--batch_syn_max must be at least 1'),
     (['--inner_loop', '1000'], 'gives no outer iteration'),
     (['--pt_from', '2'], 'no pretrained networks'),
+    (['--pt_from', '2'], 'python train.py -d fashion --pt_from 2 --pt_num 1'),
 ])
 def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, message, capsys):
     out = tmp_path / 'bad'
