@@ -194,6 +194,18 @@ def pretrained_path(args):
     return os.path.join(folder, f'checkpoint{epoch}.pth.tar')
 
 
+def pretrain_command(args):
+    """The train.py command line whose networks --pt_from finds: the options that name the
+    ./pretrained folder (dataset and class subset, network), then the epochs."""
+    cmd = f'python train.py -d {args.dataset}'
+    if args.dataset == 'imagenet':
+        cmd += f' --nclass {args.nclass} --dseed {args.dseed}'
+    cmd += f' -n {args.net_type} --depth {args.depth} --norm_type {args.norm_type}'
+    if args.width != 1.0:
+        cmd += f' --width {args.width}'
+    return cmd + f' --pt_from {args.pt_from} --pt_num {args.pt_num}'
+
+
 def check_pretrained(args):
     """Fail before any work when --pt_from names networks that are not there."""
     if args.pt_from < 0:
@@ -202,8 +214,7 @@ def check_pretrained(args):
     if not folders:
         raise UserError(f'--pt_from {args.pt_from}: no pretrained networks in '
                         f'./pretrained/{args.datatag}/{args.modeltag}_cut*; train them with '
-                        f'python train.py -d {args.dataset} --pt_from {args.pt_from} '
-                        f'--pt_num {args.pt_num} (it writes them there)')
+                        f'{pretrain_command(args)} (it writes them there)')
     for folder in folders:
         for e in range(args.pt_from, args.pt_from + args.pt_num):
             path = os.path.join(folder, f'checkpoint{e}.pth.tar')

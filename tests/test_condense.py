@@ -251,7 +251,8 @@ def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):
     (['--batch_syn_max', '0'], '--batch_syn_max must be at least 1'),
     (['--inner_loop', '1000'], 'gives no outer iteration'),
     (['--pt_from', '2'], 'no pretrained networks'),
-    (['--pt_from', '2'], 'python train.py -d fashion --pt_from 2 --pt_num 1'),
+    (['--pt_from', '2'], 'python train.py -d fashion -n convnet --depth 3 --norm_type instance '
+                         '--width 0.125 --pt_from 2 --pt_num 1'),
 ])
 def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, message, capsys):
     out = tmp_path / 'bad'
@@ -260,6 +261,18 @@ def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, mes
     assert e.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_the_pretrain_hint_names_the_folder_condense_reads(fake_fashion, tmp_path):
+    """The train.py command in the --pt_from error writes where condense.py looks."""
+    import fnmatch
+    import train
+    args = parse_args(cli(fake_fashion, tmp_path / 'c', '--pt_from', '2'), mode='condense')
+    hint = condense.pretrain_command(args).split()
+    assert hint[:2] == ['python', 'train.py']
+    targs = parse_args(hint[2:] + ['--data_dir', fake_fashion], mode='train')
+    pattern = f'./pretrained/{args.datatag}/{args.modeltag}_cut*'
+    assert fnmatch.fnmatch(train.output_dir(targs), pattern)
 
 
 def test_resume_with_other_configuration_is_refused(fake_fashion, tmp_path):
