@@ -457,14 +457,16 @@ class Lighting:
 def standard_augment(dataset, size, rrc=True):
     """Per-sample torchvision augmentation for runs without DSA, applied to an unnormalized
     float batch (N, C, H, W). ImageNet: RandomResizedCrop (scale 0.5-1), flip, colour jitter
-    0.4, lighting; the small datasets: random crop with 4 px padding (+ flip where valid)."""
+    0.4, lighting; the small datasets: random crop with 4 px padding, and a flip on CIFAR only
+    (as the original's transform_cifar; its SVHN, MNIST and FashionMNIST transforms crop only,
+    although DSA keeps its flip on FashionMNIST)."""
     import torchvision.transforms as T
     if dataset == 'imagenet':
         ops = ([T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True)] if rrc else [])
         ops += [T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), Lighting(0.1)]
     else:
         ops = [T.RandomCrop(size, padding=4)]
-        if DATASETS[dataset].flip:
+        if dataset.startswith('cifar'):
             ops.append(T.RandomHorizontalFlip())
     per_sample = T.Compose(ops)
 

@@ -204,6 +204,7 @@ def published_folder(args):
     init = 'mix' if f > 1 else 'random'
     names = {
         'cifar10': f'cifar10/conv3in_grad_mse_nd2000_cut_niter2000_factor{f}_lr0.005_{init}',
+        'cifar100': f'cifar100/conv3in_grad_mse_nd2000_cut_niter2000_factor{f}_lr0.005_{init}',
         'svhn': f'svhn/conv3in_grad_mse_nd500_cut_niter2000_factor{f}_lr0.005_{init}',
         'fashion': f'fashion/conv3in_grad_l1_nd500_cut_niter2000_factor{f}_lr0.0001_{init}',
         'mnist': (f'mnist/conv3in_grad_l1_nd500_cut_niter2000_factor{f}_lr0.0001_{init}'

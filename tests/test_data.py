@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import fakedata
 from data import (DATASETS, ClassSampler, ImageSet, StreamSet, TensorLoader, decode,
-                  decode_classwise, decode_zoom, eval_loader, load_split, read_idx)
+                  decode_classwise, decode_zoom, eval_loader, load_split, read_idx,
+                  standard_augment)
 from misc.utils import UserError
 
 
@@ -179,3 +180,20 @@ def test_decode_multi_and_bound_counts():
     assert len(out) == 10 * 9
     x, y = decode_classwise(torch.rand(6, 1, 8, 8), torch.tensor([0, 0, 0, 1, 1, 1]), 3, 2)
     assert y.tolist() == [0] * 12 + [1] * 12
+
+
+@pytest.mark.parametrize('dataset, size, nch, flips', [
+    ('fashion', 28, 1, False), ('mnist', 28, 1, False), ('svhn', 32, 3, False),
+    ('cifar10', 32, 3, True)])
+def test_standard_augment_crops_and_flips_as_the_original(dataset, size, nch, flips):
+    # without DSA: random crop (4 px padding) everywhere, a horizontal flip on CIFAR only
+    torch.manual_seed(0)
+    ramp = torch.linspace(0.1, 1.0, size).expand(64, nch, size, size)  # brighter to the right
+    out = standard_augment(dataset, size)(ramp)
+    assert out.shape == ramp.shape
+    mirrored = out[:, 0, size // 2, size - 10] < out[:, 0, size // 2, 10]
+    assert bool(mirrored.any()) == flips
+    if flips:
+        assert 10 < int(mirrored.sum()) < 54
+    shifted = (out != ramp).flatten(1).any(1)
+    assert int(shifted.sum()) > 32  # most images are cropped off-centre

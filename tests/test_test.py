@@ -108,6 +108,25 @@ def test_idc_name_published_folder_and_save_dir(fake_fashion, tmp_path, monkeypa
     assert not (tmp_path / 'results' / 'mine' / 'x_ipc3' / 'summary.json').exists()
 
 
+@pytest.mark.parametrize('line, folder', [
+    ('-d cifar10 -f 2 --ipc 10', 'cifar10/conv3in_grad_mse_nd2000_cut_niter2000_factor2_lr0.005_mix'),
+    ('-d cifar100 -f 2 --ipc 10',
+     'cifar100/conv3in_grad_mse_nd2000_cut_niter2000_factor2_lr0.005_mix'),
+    ('-d svhn -f 1 --ipc 1', 'svhn/conv3in_grad_mse_nd500_cut_niter2000_factor1_lr0.005_random'),
+    ('-d fashion -f 2 --ipc 10',
+     'fashion/conv3in_grad_l1_nd500_cut_niter2000_factor2_lr0.0001_mix'),
+    ('-d mnist -f 2 --ipc 10',
+     'mnist/conv3in_grad_l1_nd500_niter2000_factor2_color_crop_lr0.0001_mix'),
+    ('-d imagenet --nclass 10 -f 3 --ipc 10',
+     'imagenet10/resnet10apin_grad_l1_ely10_nd500_cut_factor3_mix'),
+])
+def test_published_folder_is_the_originals_without_reproduce(line, folder):
+    # the downloads' folders, found with the plain options (no --reproduce, no --name)
+    args = parse_args(line.split(), mode='test')
+    assert evaltest.published_folder(args) == os.path.join(evaltest.RESULTS, f'{folder}_ipc'
+                                                           f'{args.ipc}')
+
+
 @pytest.mark.parametrize('decode_type, n', [('single', 80), ('bound', 80), ('multi', 100)])
 def test_decode_types(fake_fashion, tmp_path, captured, decode_type, n):
     condensed(str(tmp_path / 'data.pt'))
