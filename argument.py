@@ -332,8 +332,32 @@ def validate(args, mode, error):
             idx = [int(s) for s in args.f_idx.split(',')]
         except ValueError:
             idx = []
-        if not 1 <= len(idx) <= 2:
-            error(f"--f_idx must be 'a' or 'a,b' with integers (got '{args.f_idx}')")
+        if not 1 <= len(idx) <= 2 or min(idx) < 0:
+            error(f"--f_idx must be 'a' or 'a,b' with integers >= 0 (got '{args.f_idx}')")
+        if len(idx) == 2 and idx[0] > idx[1]:
+            error(f"--f_idx '{args.f_idx}': the first layer must not come after the second")
+    # Values the optimizers, samplers and loaders would refuse only after files are written.
+    for name in ('lr', 'momentum', 'weight_decay', 'lr_img', 'mom_img'):
+        if getattr(args, name) < 0:
+            flag = '--wd' if name == 'weight_decay' else f'--{name}'
+            error(f'{flag} must not be negative (got {getattr(args, name)})')
+    if args.beta <= 0:
+        error(f'--beta (the CutMix beta distribution\'s parameter) must be positive (got '
+              f'{args.beta})')
+    if not 0 <= args.mix_p <= 1:
+        error(f'--mix_p is a probability, between 0 and 1 (got {args.mix_p})')
+    if args.nclass < 1:
+        error(f'--nclass must be at least 1 (got {args.nclass})')
+    if args.workers < 0:
+        error(f'--workers must be 0 (load in the main process) or more (got {args.workers})')
+    if args.pt_from != -1 and args.pt_from < 1:
+        error(f'--pt_from is an epoch, 1 or more (got {args.pt_from}); -1, the default, '
+              f'means no pretrained networks')
+    if args.pt_num < 1:
+        error(f'--pt_num must be at least 1 (got {args.pt_num})')
+    if mode == 'train' and args.pt_from + args.pt_num - 1 > args.epochs:
+        error(f'--pt_from {args.pt_from} --pt_num {args.pt_num} asks for networks after the '
+              f'last epoch (--epochs {args.epochs}): they would never be saved')
 
 
 def validate_resolved(args, error):

@@ -30,8 +30,8 @@ from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_r
                         get_world_size, is_main_process, run_main, safe_load, save_img,
                         set_seed, to_device)
 from test import RESNET10_BN, default_evaluator, evaluate_data
-from train import (build_model, load_weights, make_train_step, rng_state, set_rng_state,
-                   train_epoch, train_step_kind)
+from train import (build_model, check_setup, load_weights, make_train_step, rng_state,
+                   set_rng_state, train_epoch, train_step_kind)
 
 CKPT_NAME = 'checkpoint.pt'
 # Options that may differ between a run and its --resume (they do not change the result).
@@ -504,8 +504,10 @@ def load_checkpoint(path, args):
 
 def safe_load_ckpt(path):
     ckpt = safe_load(path, what='condensation checkpoint')
-    if not isinstance(ckpt, dict) or 'data' not in ckpt or 'it' not in ckpt:
-        raise UserError(f'{path} is not a condensation checkpoint written by condense.py')
+    needed = ('data', 'it', 'optim_img', 'sampler', 'gens', 'rng')
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in needed):
+        raise UserError(f'{path} is not a condensation checkpoint written by condense.py '
+                        f"(it needs the entries {', '.join(needed)})")
     return ckpt
 
 
@@ -711,11 +713,35 @@ def evaluate(args, synset, val_loader, device, logger, it, bench):
     return result
 
 
+def check_init_images(args, train_set):
+    """Fail before any file is written when a class has too few real images to initialize
+    the stored images (--init random: ipc of them, mix: ipc x factor^2)."""
+    if args.init == 'noise':
+        return
+    need = args.ipc * (args.factor ** 2 if args.init == 'mix' else 1)
+    counts = torch.bincount(train_set.targets.long().flatten(), minlength=args.nclass)
+    short = [c for c in my_classes(args) if counts[c] < need]
+    if short:
+        c = short[0]
+        raise UserError(f'--init {args.init} needs {need} real images of each class '
+                        f'(ipc {args.ipc}' + (f' x factor^2 {args.factor ** 2}'
+                                              if args.init == 'mix' else '') +
+                        f'), but class {c} has {int(counts[c])} ({len(short)} class(es) short): '
+                        f'lower --ipc, or use --init noise')
+
+
 def read_checkpoint(args):
     """The checkpoint to resume, or None: rank 0 reads and checks it and every rank gets it
-    (so only rank 0's machine needs the save folder)."""
+    (so only rank 0's machine needs the save folder). Without --resume, a folder that already
+    holds a checkpoint is refused rather than overwritten (its work would be lost); the
+    scratch folder of --test runs without --save_dir is the exception."""
     ckpt_path = os.path.join(args.save_dir, CKPT_NAME)
     ckpt, error = None, None
+    scratch = args.test and 'save_dir' not in args.explicit
+    if is_main_process() and not args.resume and not scratch and os.path.isfile(ckpt_path):
+        error = (f'{args.save_dir} already holds a run ({CKPT_NAME}); starting afresh would '
+                 f'overwrite it. Add --resume to continue it, or give another --save_dir (or '
+                 f'delete the folder) to start a new one')
     if is_main_process() and args.resume and os.path.isfile(ckpt_path):
         try:
             ckpt = load_checkpoint(ckpt_path, args)
@@ -741,14 +767,15 @@ def main(args):
         raise UserError('--match_impl loop steps S once per class and runs in one process; '
                         'under torchrun use the default --match_impl fast (the same math)')
     check_pretrained(args)
+    check_setup(args, match=True)
     train_set = load_split(args, train=True)
     partition = my_classes(args) if args.nclass_sub > 0 else None
     val_set = None if args.test or not is_main_process() else \
         load_split(args, train=False, classes=partition)
     ckpt = read_checkpoint(args)
+    if ckpt is None:
+        check_init_images(args, train_set)
 
-    if is_main_process():
-        os.makedirs(args.save_dir, exist_ok=True)
     logger = Logger(args.save_dir, enabled=is_main_process())
     world = get_world_size()
     logger(f'Save dir: {args.save_dir} (device {device}' +
@@ -764,7 +791,9 @@ def main(args):
 
 
 def run_cli(argv=None):
-    run_main(main, parse_args(argv, mode='condense'))
+    run_main(main, parse_args(argv, mode='condense'),
+             interrupted=f': {CKPT_NAME} holds the last finished outer iteration; run the same '
+             f'command with --resume to continue')
 
 if __name__ == '__main__':
     run_cli()

@@ -140,7 +140,40 @@ def read_idx_split(name, data_dir, train, download=False):
     if len(images) != len(labels):
         raise UserError(f'{paths[0]} holds {len(images)} images but {paths[1]} holds '
                         f'{len(labels)} labels: the files do not belong together')
-    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+    targets = torch.from_numpy(labels.astype(np.int64))
+    check_labels(targets, DATASETS[name].nclass, paths[1])
+    return torch.from_numpy(images).unsqueeze(1), targets
+
+
+def labels_in_range(targets, nclass):
+    return targets.numel() == 0 or (int(targets.min()) >= 0 and int(targets.max()) < nclass)
+
+
+def check_labels(targets, nclass, source, note=''):
+    """A UserError naming `source` when a label lies outside [0, nclass): such a label would
+    only fail deep in training (an index out of bounds in the loss)."""
+    if not labels_in_range(targets, nclass):
+        lo, hi = int(targets.min()), int(targets.max())
+        bad = lo if lo < 0 else hi
+        raise UserError(f'{source} holds label {bad}; labels must lie in 0..{nclass - 1}{note}. '
+                        f'The file is corrupt or not of this dataset: download or install it '
+                        f'again.')
+
+
+def _cifar_label_file(cls, root, train, nclass):
+    """The CIFAR batch file of the split holding a label outside [0, nclass) (error path only)."""
+    files = cls.train_list if train else cls.test_list
+    paths = [os.path.join(root, cls.base_folder, f) for f, _ in files]
+    for path in paths:
+        try:
+            with open(path, 'rb') as f:
+                entry = pickle.load(f, encoding='latin1')
+            labels = entry['labels'] if 'labels' in entry else entry['fine_labels']
+            if any(not 0 <= int(v) < nclass for v in labels):
+                return path
+        except Exception:  # noqa: BLE001 - only a better file name is at stake
+            pass
+    return ', '.join(paths)
 
 
 def read_idx(path, ndim):
@@ -217,11 +250,16 @@ def read_torchvision_split(name, data_dir, train, download=False, skip_checksum=
             f"(--download), or pass --skip_checksum to read a non-official copy.") from None
     except Exception as e:  # a corrupt pickle or .mat file
         raise UserError(f'cannot read {name} from {root}: {type(e).__name__}: {e}') from None
+    nclass = DATASETS[name].nclass
     if name == 'svhn':
+        # torchvision has already mapped the .mat file's label 10 (digit 0) to 0
         images, targets = torch.from_numpy(dset.data), torch.from_numpy(dset.labels)
+        check_labels(targets, nclass, files[0], note=' (1..10 in the .mat file, 10 for digit 0)')
     else:
         images = torch.from_numpy(dset.data).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-        targets = torch.tensor(dset.targets)
+        targets = torch.tensor(dset.targets, dtype=torch.long)
+        if not labels_in_range(targets, nclass):  # name the batch file that holds the label
+            check_labels(targets, nclass, _cifar_label_file(cls, root, train, nclass))
     return ImageSet(images.contiguous(), targets, getattr(dset, 'classes', list(range(10))))
 
 
@@ -233,23 +271,49 @@ def imagenet_classes(args, root):
         raise UserError(f'ImageNet folder {root} not found: expected {root}/<class>/<images> '
                         f'(set --imagenet_dir to the folder holding train/ and val/)')
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if args.nclass < 1:
+        raise UserError(f'--nclass {args.nclass}: the number of ImageNet classes must be at '
+                        f'least 1')
     if args.class_list:
-        try:
-            names = [ln.strip() for ln in open(args.class_list) if ln.strip()]
-        except OSError as e:
-            raise UserError(f'cannot read --class_list {args.class_list}: {e.strerror}') from None
+        names = read_class_list(args.class_list)
+        if len(names) < args.nclass:
+            raise UserError(f'--class_list {args.class_list} has only {len(names)} class '
+                            f'names but --nclass asks for {args.nclass}: list more classes '
+                            f'(one folder name per line) or lower --nclass')
         classes = names[:args.nclass]
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        if twice:
+            raise UserError(f'--class_list {args.class_list} names {twice[:3]} more than once '
+                            f'among its first {args.nclass} lines: each class must appear once')
+    elif len(folders) < args.nclass:
+        raise UserError(f'{root} holds only {len(folders)} class folders but --nclass asks for '
+                        f'{args.nclass}')
     elif args.dseed != 0:
         order = np.random.RandomState(args.dseed).permutation(len(folders))
         classes = [folders[i] for i in order[:args.nclass]]
     else:
         classes = folders[:args.nclass]
     missing = [c for c in classes if c not in folders]
-    if missing or len(classes) < args.nclass:
-        raise UserError(f'{root} lacks {len(missing) or args.nclass - len(classes)} of the '
-                        f'{args.nclass} classes asked for (e.g. {missing[:3]}); '
+    if missing:
+        raise UserError(f'{root} lacks {len(missing)} of the {args.nclass} classes that '
+                        f'--class_list {args.class_list} asks for (e.g. {missing[:3]}); '
                         f'{len(folders)} class folders are there')
     return classes
+
+
+def read_class_list(path):
+    """The non-blank lines of a --class_list file, stripped."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f'cannot read --class_list {path}: {e.strerror}') from None
+    except UnicodeDecodeError:
+        text = '\0'
+    if '\0' in text:
+        raise UserError(f'--class_list {path} is not a text file of class folder names, one '
+                        f'per line (UTF-8 text, e.g. n01440764)')
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def read_imagenet_split(args, train):

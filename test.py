@@ -29,8 +29,8 @@ from misc.device import autocast, resolve_device, setup_backends, slow_amp_warni
 from misc.utils import (Logger, UserError, atomic_write_json, run_main, safe_load, save_img,
                         set_seed)
 from models import get_model
-from train import (build_model, jsonable_args, load_weights, net_name, summarize, summary_line,
-                   step_kind_name, train_augment, train_model, train_step_kind)
+from train import (build_model, check_setup, jsonable_args, load_weights, net_name, summarize,
+                   summary_line, step_kind_name, train_augment, train_model, train_step_kind)
 
 RESULTS = './results'
 # File names of the DC/DSA baselines' results, per dataset (res_DSA_{name}_ConvNet_{ipc}ipc.pt).
@@ -134,6 +134,11 @@ def check_images(path, data, targets, args, nclass, ipc):
     if not (isinstance(data, torch.Tensor) and isinstance(targets, torch.Tensor)):
         raise UserError(f'{path}: expected image and label tensors, found '
                         f'{type(data).__name__} and {type(targets).__name__}')
+    if data.layout != torch.strided or targets.layout != torch.strided:
+        raise UserError(f'{path}: images and labels must be dense tensors (found '
+                        f'{data.layout} and {targets.layout})')
+    if targets.dtype == torch.bool:
+        raise UserError(f'{path}: labels must be integer class indices, found booleans')
     if data.ndim != 4 or not data.is_floating_point():
         raise UserError(f'{path}: images must be a float tensor (N, C, H, W); found '
                         f'{data.dtype} of shape {tuple(data.shape)}')
@@ -179,7 +184,8 @@ def load_baseline(path, args):
     obj = safe_load(path, what='DSA or KIP data')
     if isinstance(obj, dict) and 'data' in obj:
         pairs = obj['data']
-        if not (isinstance(pairs, (list, tuple)) and pairs and len(pairs[-1]) >= 2):
+        if not (isinstance(pairs, (list, tuple)) and pairs
+                and isinstance(pairs[-1], (list, tuple)) and len(pairs[-1]) >= 2):
             raise UserError(f"{path}: 'data' should be a list of [images, labels] pairs")
         data, targets = pairs[-1][0], pairs[-1][1]
     elif isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], torch.Tensor) \
@@ -410,10 +416,12 @@ def main(args):
     device = resolve_device(args.device)
     setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
     set_seed(args.seed)
+    check_setup(args)
     out, paths = sources(args)
     beside_data = args.slct_type == 'idc' and 'save_dir' not in args.explicit
     args.save_dir = out
-    logger = Logger(out)
+    # Nothing goes to disk before the data to evaluate and the test split have been read.
+    logger = Logger(out, defer=True)
     start = time.time()
     logger(f'test.py: {args.dataset}, selection {args.slct_type}, ipc {args.ipc}, factor '
            f'{args.factor}; outputs in {out}; device {device}')
@@ -423,13 +431,13 @@ def main(args):
         logger(warning)
 
     images, targets = select_data(args, paths, device, logger)
+    valset = load_split(args, train=False)
+    val_loader = eval_loader(valset, args.dataset, device, batch_size=500, workers=args.workers)
+    logger.open()
     # condense.py's args.json lives beside its data.pt: keep it.
     atomic_write_json(os.path.join(out, 'test_args.json' if beside_data else 'args.json'),
                       jsonable_args(args))
     save_grid(os.path.join(out, 'test.png'), images, targets, args.dataset)
-
-    valset = load_split(args, train=False)
-    val_loader = eval_loader(valset, args.dataset, device, batch_size=500, workers=args.workers)
     logger(f'{len(images)} training images {tuple(images.shape[1:])}, {len(valset)} test images; '
            f"{'DSA ' + args.dsa_strategy if args.dsa else 'standard augmentation'}, mixup "
            f'{args.mixup} (p {args.mix_p})')

@@ -59,6 +59,42 @@ def build_model(args, net_type=None, depth=None, norm_type=None, width=None):
                      norm_type=norm_type or args.norm_type, dataset=args.dataset)
 
 
+def check_setup(args, match=False):
+    """Build the network and the augmentations the options name once, on the CPU, so that a
+    choice they cannot be built with (depth, norm type, width, augmentation names, and with
+    match=True condense.py's matching augmentation and --f_idx) is a UserError before any file
+    is written."""
+    name = net_name(args.net_type, args.depth, args.norm_type, args.width)
+    if args.net_type == 'convnet' and int(128 * args.width) < 1:
+        raise UserError(f'--width {args.width} leaves ConvNet no channel (128 x width must be '
+                        f'at least 1)')
+    try:
+        model = build_model(args)
+    except (ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise UserError(f'cannot build the network {name} (-n {args.net_type} --depth '
+                        f'{args.depth} --norm_type {args.norm_type} --width {args.width}): {e}'
+                        ) from e
+    strategies = [('--dsa_strategy', args.dsa_strategy)] if args.dsa else []
+    if match:
+        strategies.append(('--aug_type', args.aug_type))
+    for flag, strategy in strategies:
+        try:
+            DiffAug(strategy, batch=match)
+        except ValueError as e:
+            raise UserError(f'{flag}: {e}') from e
+    if match and args.match == 'feat':
+        if not hasattr(model, 'get_feature'):
+            raise UserError(f'--match feat needs a network that exposes its features '
+                            f'(convnet, resnet, resnet_ap), not {name}')
+        a, _, b = args.f_idx.partition(',')
+        with torch.no_grad():
+            probe = torch.zeros(2, DATASETS[args.dataset].nch, args.size, args.size)
+            feats = model.eval().get_feature(probe, int(a), int(b) if b else -1)
+        if not feats:
+            raise UserError(f"--f_idx '{args.f_idx}' selects no layer of {name}: its features "
+                            f'are numbered from 0, see get_feature in models/')
+
+
 def train_augment(args):
     """(normalize, aug) for training: the loader normalizes and `aug` applies per-sample DSA on
     normalized images (as the original), or, without DSA, the loader leaves images in [0, 1] and
@@ -604,6 +640,10 @@ def load_resume(args, logger):
         logger(f'--resume: no checkpoint at {path}; starting from the beginning')
         return None
     ckpt = safe_load(path, what='a train.py checkpoint')
+    if isinstance(ckpt, dict) and 'model' not in ckpt and 'state_dict' in ckpt and 'args' in ckpt:
+        raise UserError(f'{path} holds network weights only (a model_best.pth.tar or '
+                        f'checkpoint{{E}}.pth.tar of this train.py), not a state to resume; '
+                        f'train.py writes those with --save_ckpt true or --resume')
     if isinstance(ckpt, dict) and 'model' not in ckpt and 'epoch' in ckpt and 'state_dict' in ckpt:
         # The original train.py's checkpoint: weights, optimizer, epoch, best accuracy.
         logger(f'{path}: a checkpoint of the original code; continuing its first run')
@@ -613,8 +653,11 @@ def load_resume(args, logger):
                     result=dict(best=float(ckpt.get('best_acc1', 0.0)),
                                 best5=float(ckpt.get('best_acc5', 0.0)), last=0.0, last5=0.0,
                                 history=[]))
-    if not isinstance(ckpt, dict) or not {'epoch', 'repeat', 'model', 'args'} <= set(ckpt):
-        raise UserError(f'{path}: not a train.py checkpoint (no epoch/repeat/model/args entries)')
+    needed = {'epoch', 'repeat', 'model', 'args', 'result', 'finished', 'rng'}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        missing = sorted(needed - set(ckpt)) if isinstance(ckpt, dict) else sorted(needed)
+        raise UserError(f"{path}: not a train.py checkpoint (no {', '.join(missing)} "
+                        f"entries)")
     ckpt['path'] = path
     old = ckpt['args']
     diff = [f'{k}: {old.get(k)!r} there, {getattr(args, k)!r} now' for k in RESUME_KEYS
@@ -631,8 +674,10 @@ def main(args):
                         'instead of --repeat')
     device = resolve_device(args.device)
     setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
+    check_setup(args)
     args.save_dir = output_dir(args)
-    logger = Logger(args.save_dir)
+    # Nothing goes to disk before the data and the checkpoint to resume have been checked.
+    logger = Logger(args.save_dir, defer=True)
     set_seed(args.seed)
     ctx = autocast(device, args.amp)
     logger(f'train.py: {args.dataset} full training set, save dir {args.save_dir}, '
@@ -641,7 +686,6 @@ def main(args):
         logger(f'  {line}')
     if (warning := slow_amp_warning(device, args.amp)):
         logger(warning)
-    atomic_write_json(os.path.join(args.save_dir, 'args.json'), jsonable_args(args))
 
     trainset = load_split(args, train=True)
     valset = load_split(args, train=False)
@@ -662,6 +706,8 @@ def main(args):
             finished = list(resume['finished'])
             logger(f"resumed from {args.save_dir}/checkpoint.pth.tar: repeat "
                    f"{resume['repeat'] + 1}, epoch {resume['epoch']}")
+    logger.open()
+    atomic_write_json(os.path.join(args.save_dir, 'args.json'), jsonable_args(args))
     saver = Checkpointer(args, loader, finished)
     start = time.time()
     for r in range(len(finished), args.repeat):
@@ -698,4 +744,6 @@ def main(args):
 
 if __name__ == '__main__':
     from argument import parse_args
-    run_main(main, parse_args(mode='train'))
+    run_main(main, parse_args(mode='train'),
+             interrupted=': with --save_ckpt true or --resume, checkpoint.pth.tar holds the last '
+             'finished epoch; run the same command with --resume to continue')

@@ -228,19 +228,40 @@ class Logger:
     """Readable lines to stdout and save_dir/log.txt; JSON records to save_dir/metrics.jsonl.
 
     save_dir=None logs to stdout only. enabled=False (non-zero distributed ranks) logs nothing.
-    Files are appended to, so a resumed run keeps its earlier history.
+    Files are appended to, so a resumed run keeps its earlier history. defer=True writes
+    nothing to disk until open(): lines logged before are kept and written then, so a run
+    refused for bad input (a UserError before open()) leaves no folder or file behind.
     """
 
-    def __init__(self, save_dir=None, enabled=True):
+    def __init__(self, save_dir=None, enabled=True, defer=False):
         self.enabled = enabled
         self.save_dir = None if save_dir is None else os.fspath(save_dir)
-        if self.enabled and self.save_dir is not None:
-            os.makedirs(self.save_dir, exist_ok=True)
+        self._pending = []
+        if not defer:
+            self.open()
+
+    def open(self):
+        """Create save_dir and write what was logged so far; a folder that cannot be written
+        is a UserError."""
+        pending, self._pending = self._pending, None
+        if pending is None or not self.enabled or self.save_dir is None:
+            return
+        try:
+            ensure_writable_dir(self.save_dir)
+            for name, text in pending:
+                self._append(name, text)
+        except OSError as e:
+            raise UserError(f'cannot write the output folder {self.save_dir} '
+                            f'({e.strerror or e}); choose another one with --save_dir') from e
 
     def _append(self, name, text):
-        if self.save_dir is not None:
-            with open(os.path.join(self.save_dir, name), 'a') as f:
-                f.write(text)
+        if self.save_dir is None:
+            return
+        if self._pending is not None:
+            self._pending.append((name, text))
+            return
+        with open(os.path.join(self.save_dir, name), 'a') as f:
+            f.write(text)
 
     def __call__(self, msg='', end='\n'):
         if not self.enabled:
@@ -257,11 +278,25 @@ class Logger:
         self._append('metrics.jsonl', json.dumps(_to_json(stamped), allow_nan=False) + '\n')
 
 
-def run_main(main, args):
+def ensure_writable_dir(path):
+    """Create the folder `path` (and its parents) and check a file can be created in it;
+    raises OSError otherwise (e.g. a file in the way, a read-only mount)."""
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f'.write_test.{os.getpid()}.{uuid.uuid4().hex}')
+    with open(probe, 'w'):
+        pass
+    os.remove(probe)
+
+
+def run_main(main, args, interrupted=''):
     """Run a script's main(args): a UserError becomes one `error: ...` line on stderr and exit
-    code 2 (prefixed with the rank under torchrun)."""
+    code 2 (prefixed with the rank under torchrun); Ctrl-C one `interrupted` line (followed by
+    `interrupted`, e.g. how to resume) and exit code 130."""
     try:
         return main(args)
+    except KeyboardInterrupt:
+        print(f'\ninterrupted{interrupted}', file=sys.stderr, flush=True)
+        sys.exit(130)
     except UserError as e:
         msg = str(e)
         if get_world_size() > 1 and not msg.startswith('rank '):

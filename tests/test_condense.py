@@ -253,6 +253,19 @@ def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):
     (['--pt_from', '2'], 'no pretrained networks'),
     (['--pt_from', '2'], 'python train.py -d fashion -n convnet --depth 3 --norm_type instance '
                          '--width 0.125 --pt_from 2 --pt_num 1'),
+    # values torch, numpy or the models would refuse only after the folder was written
+    (['--lr', '-0.1'], '--lr must not be negative'),
+    (['--mom_img', '-1'], '--mom_img must not be negative'),
+    (['--beta', '0'], '--beta'),
+    (['--aug_type', 'color_foo'], "--aug_type: unknown augmentation(s) ['foo']"),
+    (['-n', 'resnet', '--depth', '7'], 'cannot build the network ResNet-7'),
+    (['--norm_type', 'sn'], 'cannot build the network'),
+    (['--width', '0.001'], 'leaves ConvNet no channel'),
+    (['-n', 'resnet_ap', '--match', 'feat', '--f_idx', '9'], "--f_idx '9' selects no layer"),
+    (['--match', 'feat', '--f_idx', '2,1'], 'must not come after'),
+    # 20 real images per class: --init mix with ipc 6 and factor 2 needs 24
+    (['--ipc', '6'], '--init mix needs 24 real images of each class (ipc 6 x factor^2 4), but '
+                     'class 0 has 20'),
 ])
 def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, message, capsys):
     out = tmp_path / 'bad'
@@ -261,6 +274,30 @@ def test_bad_input_exits_2_and_writes_nothing(fake_fashion, tmp_path, extra, mes
     assert e.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(fake_fashion, tmp_path, capsys):
+    out = tmp_path / 'done'
+    out.mkdir()
+    (out / 'checkpoint.pt').write_bytes(b'the earlier run')
+    (out / 'data.pt').write_bytes(b'its data')
+    with pytest.raises(SystemExit) as e:
+        condense.run_cli(cli(fake_fashion, out))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'already holds a run' in err and 'Add --resume to continue it' in err
+    assert sorted(os.listdir(out)) == ['checkpoint.pt', 'data.pt']
+    assert (out / 'data.pt').read_bytes() == b'its data'
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint(fake_fashion, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(condense, 'condense', interrupted)
+    with pytest.raises(SystemExit) as e:
+        condense.run_cli(cli(fake_fashion, tmp_path / 'c'))
+    assert e.value.code == 130
+    assert 'run the same command with --resume' in capsys.readouterr().err
 
 
 def test_the_pretrain_hint_names_the_folder_condense_reads(fake_fashion, tmp_path):

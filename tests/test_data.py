@@ -99,8 +99,86 @@ def test_imagefolder_subsets(fake_root, tmp_path):
     assert d.images[d.targets == 0].float().mean() > d.images[d.targets == 1].float().mean()
     seeded = load_split(cfg('imagenet', fake_root, nclass=2, dseed=5))
     assert len(set(seeded.classes)) == 2
-    with pytest.raises(UserError, match='lacks'):
+    with pytest.raises(UserError, match='holds only 4 class folders but --nclass asks for 9'):
         load_split(cfg('imagenet', fake_root, nclass=9))
+
+
+def test_class_list_not_text(fake_root, tmp_path):
+    lst = tmp_path / 'classes.txt'
+    lst.write_bytes(bytes(range(256)) * 4)  # e.g. an image passed by mistake
+    with pytest.raises(UserError, match='not a text file of class folder names'):
+        load_split(cfg('imagenet', fake_root, nclass=2, class_list=str(lst)))
+
+
+def test_class_list_shorter_than_nclass(fake_root, tmp_path):
+    lst = tmp_path / 'classes.txt'
+    lst.write_text('n00000003\n\nn00000001\n')
+    with pytest.raises(UserError) as e:
+        load_split(cfg('imagenet', fake_root, nclass=3, class_list=str(lst)))
+    assert 'has only 2 class names but --nclass asks for 3' in str(e.value)
+
+
+def test_class_list_missing_or_repeated_class(fake_root, tmp_path):
+    lst = tmp_path / 'classes.txt'
+    lst.write_text('n00000003\nn00000007\n')
+    with pytest.raises(UserError, match=r"lacks 1 of the 2 classes .*'n00000007'"):
+        load_split(cfg('imagenet', fake_root, nclass=2, class_list=str(lst)))
+    lst.write_text('n00000003\nn00000003\n')
+    with pytest.raises(UserError, match='more than once'):
+        load_split(cfg('imagenet', fake_root, nclass=2, class_list=str(lst)))
+
+
+@pytest.mark.parametrize('nclass', [0, -1])
+@pytest.mark.parametrize('class_list', [False, True])
+def test_imagenet_nclass_must_be_positive(fake_root, tmp_path, nclass, class_list):
+    lst = tmp_path / 'classes.txt'
+    lst.write_text('n00000003\nn00000001\n')
+    a = cfg('imagenet', fake_root, nclass=nclass, class_list=str(lst) if class_list else '')
+    with pytest.raises(UserError, match=f'--nclass {nclass}: .* at least 1'):
+        load_split(a)
+
+
+def _set_first_label(name, root, value, new):
+    """Copy the files of `name` from root into the folder `new`, first training label :=
+    value; return (new, path of the edited label file)."""
+    import pickle
+    import shutil
+    if name in ('mnist', 'fashion'):
+        path = new / 'train-labels-idx1-ubyte'
+        fakedata.write_idx(str(new), gz=False)
+        data = bytearray(path.read_bytes())
+        data[8] = value  # the first label, after the 8-byte header
+        path.write_bytes(bytes(data))
+    elif name == 'svhn':
+        import scipy.io
+        shutil.copytree(root / 'svhn', new / 'svhn')
+        path = new / 'svhn' / 'train_32x32.mat'
+        mat = scipy.io.loadmat(str(path))
+        mat['y'][0, 0] = value
+        scipy.io.savemat(str(path), {'X': mat['X'], 'y': mat['y']})
+    else:
+        folder = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}[name]
+        shutil.copytree(root / folder, new / folder)
+        path = new / folder / ('data_batch_3' if name == 'cifar10' else 'train')
+        entry = pickle.loads(path.read_bytes())
+        entry['labels' if name == 'cifar10' else 'fine_labels'][0] = value
+        path.write_bytes(pickle.dumps(entry))
+    return new, path
+
+
+@pytest.mark.parametrize('name, bad, nclass', [
+    ('fashion', 42, 10), ('mnist', 10, 10), ('cifar10', 42, 10), ('cifar10', -1, 10),
+    ('cifar100', 100, 100), ('svhn', 11, 10)])
+def test_out_of_range_label_names_the_file(fake_root, tmp_path, name, bad, nclass):
+    # without the check, such a label fails only in training: 'Target 42 is out of bounds'.
+    # (SVHN's label 10, digit 0, is in every fake .mat file: the check comes after its mapping.)
+    folder, path = _set_first_label(name, fake_root, bad, tmp_path / 'd')
+    with pytest.raises(UserError) as e:
+        load_split(cfg(name, folder, skip_checksum=True), train=True)
+    msg = str(e.value)
+    assert str(path) in msg and f'label {bad}' in msg and f'0..{nclass - 1}' in msg
+    load_split(cfg(name, folder, skip_checksum=True), train=False)  # the other split still loads
+
 
 
 def test_real_fashion_mnist(fashion_dir):

@@ -320,6 +320,29 @@ def test_bad_files_exit_2_with_one_message(fake_fashion, tmp_path, kind):
     assert len(err) == 1 and err[0].startswith('error: ') and str(path) in err[0]
 
 
+def test_refused_evaluations_write_nothing(fake_fashion, tmp_path):
+    # a mistyped --data_path: no folder appears for it
+    with pytest.raises(UserError, match='not found'):
+        evaltest.main(targs(fake_fashion, '--data_path', str(tmp_path / 'typo' / 'data.pt')))
+    assert not (tmp_path / 'typo').exists()
+    # a dataset folder without the test split: nothing is added beside the data
+    condensed(str(tmp_path / 'run' / 'data.pt'))
+    no_test = tmp_path / 'train_only'
+    no_test.mkdir()
+    for f in os.listdir(fake_fashion):
+        if f.startswith('train'):
+            os.symlink(os.path.join(fake_fashion, f), no_test / f)
+    with pytest.raises(UserError, match='t10k'):
+        evaltest.main(targs(no_test, '--data_path', str(tmp_path / 'run' / 'data.pt'),
+                            '--ipc', '2'))
+    assert os.listdir(tmp_path / 'run') == ['data.pt']
+    # an output folder that cannot be made: one clear message
+    (tmp_path / 'afile').write_text('in the way')
+    with pytest.raises(UserError, match=r'cannot write the output folder .*--save_dir'):
+        evaltest.main(targs(fake_fashion, '--data_path', str(tmp_path / 'run' / 'data.pt'),
+                            '--ipc', '2', '--save_dir', str(tmp_path / 'afile' / 'sub')))
+
+
 def test_no_condensed_data_names_the_options(fake_fashion, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r'_ipc2/data.pt not found.*--data_path'):

@@ -248,6 +248,43 @@ def test_cli_errors_exit_2(tmp_path):
                         'cpu'], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith('error: FashionMNIST not found') and 'Traceback' not in r.stderr
+    assert not (tmp_path / 'o').exists()  # nothing half-written
+
+
+def test_refused_input_leaves_the_folder_as_it_was(fake_fashion, tmp_path):
+    opts = ('--epochs', '1', '--save_ckpt', 'true')
+    train.main(fashion_args(fake_fashion, tmp_path / 'r', *opts))
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'r').iterdir()}
+    # a resume with other settings is refused, and the run's args.json keeps its settings
+    with pytest.raises(UserError, match='other settings'):
+        train.main(fashion_args(fake_fashion, tmp_path / 'r', *opts, '--resume', '--lr', '0.05'))
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'r').iterdir()} == before
+    # the network weights train.py writes are not a state to resume
+    os.replace(tmp_path / 'r' / 'model_best.pth.tar', tmp_path / 'r' / 'checkpoint.pth.tar')
+    with pytest.raises(UserError, match='network weights only'):
+        train.main(fashion_args(fake_fashion, tmp_path / 'r', *opts, '--resume'))
+    # nor is a checkpoint that lacks entries a resume needs
+    ckpt = torch.load(tmp_path / 'r' / 'checkpoint.pth.tar', weights_only=True)
+    torch.save({'epoch': 1, 'repeat': 0, 'model': ckpt['state_dict'], 'args': ckpt['args']},
+               tmp_path / 'r' / 'checkpoint.pth.tar')
+    with pytest.raises(UserError, match='not a train.py checkpoint.*result'):
+        train.main(fashion_args(fake_fashion, tmp_path / 'r', *opts, '--resume'))
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--pt_from', '0'], '--pt_from is an epoch, 1 or more'),
+    (['--epochs', '3', '--pt_from', '3', '--pt_num', '2'], 'would never be saved'),
+    (['--wd', '-1'], '--wd must not be negative'),
+    (['--dsa_strategy', 'color_spin'], "--dsa_strategy: unknown augmentation(s) ['spin']"),
+    (['-n', 'resnet', '--depth', '7'], 'cannot build the network'),
+])
+def test_bad_options_exit_2_and_write_nothing(fake_fashion, tmp_path, extra, message):
+    r = subprocess.run([sys.executable, str(ROOT / 'train.py'), '-d', 'fashion', '--data_dir',
+                        str(fake_fashion), '--save_dir', str(tmp_path / 'o'), *SMALL, *extra],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert message in r.stderr
+    assert not (tmp_path / 'o').exists()
 
 
 def test_train_epoch_reports_the_sample_weighted_means():

@@ -165,6 +165,25 @@ def test_logger_stdout_only_and_disabled(tmp_path, capsys):
     assert not (tmp_path / 'rank1').exists()
 
 
+def test_deferred_logger_writes_only_once_opened(tmp_path, capsys):
+    log = Logger(tmp_path / 'run', defer=True)
+    log('checking the input')
+    log.json({'event': 'start'})
+    assert 'checking the input' in capsys.readouterr().out  # printed at once
+    assert not (tmp_path / 'run').exists()  # a refusal here would leave nothing behind
+    log.open()
+    log('training')
+    assert (tmp_path / 'run' / 'log.txt').read_text() == 'checking the input\ntraining\n'
+    assert json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text())['event'] == 'start'
+
+
+def test_logger_in_a_folder_that_cannot_be_made(tmp_path):
+    (tmp_path / 'afile').write_text('a file where the folder should be')
+    for target in (tmp_path / 'afile', tmp_path / 'afile' / 'sub'):
+        with pytest.raises(UserError, match='cannot write the output folder.*--save_dir'):
+            Logger(target)
+
+
 def test_save_img(tmp_path):
     from PIL import Image
     path = tmp_path / 'img.png'
