@@ -164,6 +164,12 @@ def test_dsa_and_kip_files_are_unnormalized(fake_fashion, tmp_path, monkeypatch,
     assert torch.equal(captured['targets'], labels)
     assert (tmp_path / 'results/fashion/conv3in_w0.125_kip2/summary.json').is_file()
 
+    # malformed DSA files: one clear error each
+    for bad in ({'data': [5]}, {'data': [{'a': normed}]}, {'data': []}):
+        torch.save(bad, 'results/fashion/dsa/res_DSA_FashionMNIST_ConvNet_2ipc.pt')
+        with pytest.raises(UserError, match=r"'data' should be a list of \[images, labels\]"):
+            evaltest.main(targs(fake_fashion, '-s', 'dsa', '--ipc', '2'))
+
 
 # ------------------------------------------------------------------------------- random, herding
 def test_random_takes_first_images_or_a_seeded_draw(fake_fashion, tmp_path, monkeypatch,
@@ -292,12 +298,17 @@ def _write_bad(kind, path):
         torch.save([good[0], good[1] + 5], path)
     elif kind == 'nan':
         torch.save([good[0] * float('nan'), good[1]], path)
+    elif kind == 'sparse':
+        torch.save([good[0].to_sparse(), good[1]], path)
+    elif kind == 'bool_labels':
+        torch.save([good[0], good[1] > 4], path)
 
 
 BAD = {'missing': 'not found', 'truncated': 'cannot be read', 'foreign': 'cannot be read',
        'text': 'cannot be read', 'count': 'holds 10 images, expected nclass\\*ipc',
        'channels': 'images are 3x28x28', 'size': 'images are 1x32x32',
-       'not_a_pair': 'not condensed data', 'labels': 'outside 0..9', 'nan': 'NaN'}
+       'not_a_pair': 'not condensed data', 'labels': 'outside 0..9', 'nan': 'NaN',
+       'sparse': 'must be dense tensors', 'bool_labels': 'found booleans'}
 
 
 @pytest.mark.parametrize('kind', sorted(BAD))
