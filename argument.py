@@ -102,8 +102,8 @@ def get_parser():
     a('--verbose', action='store_true')
     a('-j', '--workers', default=8, type=int, help='data loading workers (streamed data)')
     a('--save_ckpt', type=str2bool, default=False,
-      help='train.py: save checkpoint.pth.tar and model_best.pth.tar (takes a value: '
-      '--save_ckpt true)')
+      help='train.py: also save model_best.pth.tar, the weights of the best validation '
+      '(takes a value: --save_ckpt true; checkpoint.pth.tar, to --resume, is always saved)')
     a('--tag', default='', help='experiment name, prefixed to the folder tag')
     a('--test', action='store_true',
       help='debug run: no evaluation, results in ./results/test unless --save_dir is given')

@@ -604,8 +604,8 @@ def full_train_loader(args, dset, device, normalize):
 class Checkpointer:
     """Writes train.py's checkpoints in args.save_dir, atomically.
 
-    checkpoint.pth.tar (every epoch, with --save_ckpt or --resume): everything to continue —
-    model, optimizer, scheduler, epoch, best accuracy, finished repeats, RNG states, args.
+    checkpoint.pth.tar (every epoch): everything to continue with --resume — model,
+    optimizer, scheduler, epoch, best accuracy, finished repeats, RNG states, args.
     model_best.pth.tar (with --save_ckpt): weights of the best validation so far.
     checkpoint{E}.pth.tar (with --pt_from E [--pt_num K]): weights after epochs E..E+K-1, the
     pretrained networks condense.py's --pt_from loads.
@@ -614,7 +614,6 @@ class Checkpointer:
     def __init__(self, args, loader, finished):
         self.args, self.loader, self.finished = args, loader, finished
         self.path = os.path.join(args.save_dir, 'checkpoint.pth.tar')
-        self.whole = args.save_ckpt or args.resume
         self.pt_epochs = range(args.pt_from, args.pt_from + args.pt_num) if args.pt_from >= 0 \
             else range(0)
         self.repeat = 0
@@ -622,9 +621,9 @@ class Checkpointer:
     def __call__(self, state, is_best):
         a, epoch = self.args, state['epoch']
         meta = dict(arch=a.net_type, epoch=epoch, args=jsonable_args(a))
-        if self.whole:
-            atomic_save(dict(state, repeat=self.repeat, finished=list(self.finished),
-                             rng=rng_state(self.loader), **meta), self.path)
+        # always, so that a killed run continues from its last finished epoch
+        atomic_save(dict(state, repeat=self.repeat, finished=list(self.finished),
+                         rng=rng_state(self.loader), **meta), self.path)
         if a.save_ckpt and is_best:
             atomic_save(dict(state_dict=state['model'], best_acc1=state['result']['best'],
                              best_acc5=state['result']['best5'], **meta),
@@ -676,6 +675,11 @@ def main(args):
     setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
     check_setup(args)
     args.save_dir = output_dir(args)
+    if not args.resume and os.path.isfile(os.path.join(args.save_dir, 'checkpoint.pth.tar')):
+        raise UserError(f'{args.save_dir} already holds a run (checkpoint.pth.tar); starting '
+                        f'afresh would overwrite it. Add --resume to continue it (a finished '
+                        f'run then reports its summary again), or give another --save_dir (or '
+                        f'delete the folder) to start a new one')
     # Nothing goes to disk before the data and the checkpoint to resume have been checked.
     logger = Logger(args.save_dir, defer=True)
     set_seed(args.seed)
@@ -745,5 +749,5 @@ def main(args):
 if __name__ == '__main__':
     from argument import parse_args
     run_main(main, parse_args(mode='train'),
-             interrupted=': with --save_ckpt true or --resume, checkpoint.pth.tar holds the last '
-             'finished epoch; run the same command with --resume to continue')
+             interrupted=': checkpoint.pth.tar holds the last finished epoch; run the same '
+             'command with --resume to continue')

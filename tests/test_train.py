@@ -208,7 +208,7 @@ def test_pt_from_writes_per_epoch_networks_for_condensation(fake_fashion, tmp_pa
                        '--pt_from', '2', '--pt_num', '2'], mode='train')
     train.main(args)
     folder = tmp_path / 'pretrained' / 'fashion' / 'conv3in_w0.125_cut_0'  # condense.py's glob
-    assert sorted(p.name for p in folder.glob('checkpoint*.pth.tar')) == \
+    assert sorted(p.name for p in folder.glob('checkpoint[0-9]*.pth.tar')) == \
         ['checkpoint2.pth.tar', 'checkpoint3.pth.tar']
     ck = torch.load(folder / 'checkpoint2.pth.tar', weights_only=True)
     assert ck['epoch'] == 2
@@ -269,6 +269,32 @@ def test_refused_input_leaves_the_folder_as_it_was(fake_fashion, tmp_path):
                tmp_path / 'r' / 'checkpoint.pth.tar')
     with pytest.raises(UserError, match='not a train.py checkpoint.*result'):
         train.main(fashion_args(fake_fashion, tmp_path / 'r', *opts, '--resume'))
+
+
+def test_every_run_can_resume_and_is_not_overwritten(fake_fashion, tmp_path, monkeypatch):
+    # no --save_ckpt: the resume state is written anyway, after every epoch
+    real_epoch, calls = train.train_epoch, []
+
+    def dies_in_second_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train, 'train_epoch', dies_in_second_epoch)
+    with pytest.raises(Interrupt):
+        train.main(fashion_args(fake_fashion, tmp_path / 'k', '--epochs', '2'))
+    monkeypatch.setattr(train, 'train_epoch', real_epoch)
+    ckpt = torch.load(tmp_path / 'k' / 'checkpoint.pth.tar', weights_only=True)
+    assert ckpt['epoch'] == 1
+    assert not (tmp_path / 'k' / 'model_best.pth.tar').exists()  # that one needs --save_ckpt
+    # the same command without --resume would start over: refused, the checkpoint kept
+    with pytest.raises(UserError, match='already holds a run.*--resume'):
+        train.main(fashion_args(fake_fashion, tmp_path / 'k', '--epochs', '2'))
+    assert torch.load(tmp_path / 'k' / 'checkpoint.pth.tar', weights_only=True)['epoch'] == 1
+    s = train.main(fashion_args(fake_fashion, tmp_path / 'k', '--epochs', '2', '--resume'))
+    assert len(s['runs']) == 1
+    assert json.loads((tmp_path / 'k' / 'summary.json').read_text())['epochs'] == 2
 
 
 @pytest.mark.parametrize('extra, message', [
