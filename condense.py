@@ -27,8 +27,8 @@ from misc.augment import build_match_aug, build_net_aug
 from misc.device import (autocast, call_compiled, compiled, setup_backends, slow_amp_warning,
                          want_compile)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
-                        get_world_size, is_main_process, run_main, safe_load, save_img,
-                        set_seed, to_device)
+                        get_world_size, is_main_process, remove_stale_tmp, run_main, safe_load,
+                        save_img, set_seed, to_device)
 from test import RESNET10_BN, default_evaluator, evaluate_data
 from train import (build_model, check_setup, load_weights, make_train_step, rng_state,
                    set_rng_state, train_epoch, train_step_kind)
@@ -777,6 +777,8 @@ def main(args):
         check_init_images(args, train_set)
 
     logger = Logger(args.save_dir, enabled=is_main_process())
+    if is_main_process() and (gone := remove_stale_tmp(args.save_dir)):
+        logger(f'removed {len(gone)} unfinished temporary file(s) of a killed run: {gone[0]} ...')
     world = get_world_size()
     logger(f'Save dir: {args.save_dir} (device {device}' +
            (f', {world} processes, {distributed.backend()})' if world > 1 else ')'))

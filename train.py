@@ -28,8 +28,9 @@ from data import (DATASETS, StreamLoader, TensorLoader, eval_loader, load_split,
 from misc.augment import Compose, DiffAug
 from misc.device import (autocast, call_compiled, compiled, error_summary, resolve_device,
                          setup_backends, slow_amp_warning, want_compile, want_graphs)
-from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, cutmix, run_main,
-                        safe_load, set_seed, to_device, topk_correct)
+from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, cutmix,
+                        remove_stale_tmp, run_main, safe_load, set_seed, to_device,
+                        topk_correct)
 from models import get_model
 
 NET_NAMES = {'convnet': 'ConvNet', 'resnet': 'ResNet', 'resnet_ap': 'ResNetAP',
@@ -711,6 +712,8 @@ def main(args):
             logger(f"resumed from {args.save_dir}/checkpoint.pth.tar: repeat "
                    f"{resume['repeat'] + 1}, epoch {resume['epoch']}")
     logger.open()
+    if (gone := remove_stale_tmp(args.save_dir)):
+        logger(f'removed {len(gone)} unfinished temporary file(s) of a killed run: {gone[0]} ...')
     atomic_write_json(os.path.join(args.save_dir, 'args.json'), jsonable_args(args))
     saver = Checkpointer(args, loader, finished)
     start = time.time()

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import uuid
 import warnings
@@ -146,6 +147,39 @@ def _atomic_write(path, write, mode='wb'):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+_TMP_NAME = re.compile(r'^\..+\.(\d+)\.[0-9a-f]{32}\.tmp$')
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_stale_tmp(folder):
+    """Delete the temporary files of _atomic_write in `folder` whose writing process is gone (a
+    run killed while writing, e.g. with SIGKILL, leaves one; a checkpoint's can be large).
+    Returns their names."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_NAME.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_save(obj, path):

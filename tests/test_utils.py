@@ -184,6 +184,20 @@ def test_logger_in_a_folder_that_cannot_be_made(tmp_path):
             Logger(target)
 
 
+def test_stale_temporary_files_of_killed_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f'.checkpoint.pt.{dead}.{"a" * 32}.tmp'
+    mine = tmp_path / f'.data.pt.{os.getpid()}.{"b" * 32}.tmp'  # a write in progress
+    other = tmp_path / '.notes.tmp'
+    for f in (stale, mine, other):
+        f.write_bytes(b'x')
+    assert utils.remove_stale_tmp(tmp_path) == [stale.name]
+    assert sorted(os.listdir(tmp_path)) == sorted([mine.name, other.name])
+
+
 def test_save_img(tmp_path):
     from PIL import Image
     path = tmp_path / 'img.png'
