@@ -70,7 +70,8 @@ def check_setup(args, match=False):
         raise UserError(f'--width {args.width} leaves ConvNet no channel (128 x width must be '
                         f'at least 1)')
     try:
-        model = build_model(args)
+        with torch.random.fork_rng(devices=[]):  # the run's random draws stay as they were
+            model = build_model(args)
     except (ValueError, ZeroDivisionError, RuntimeError) as e:
         raise UserError(f'cannot build the network {name} (-n {args.net_type} --depth '
                         f'{args.depth} --norm_type {args.norm_type} --width {args.width}): {e}'

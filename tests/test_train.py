@@ -1,10 +1,12 @@
 """train.py: the shared training loop, checkpoints, resume, and the full-data script."""
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -295,6 +297,19 @@ def test_every_run_can_resume_and_is_not_overwritten(fake_fashion, tmp_path, mon
     s = train.main(fashion_args(fake_fashion, tmp_path / 'k', '--epochs', '2', '--resume'))
     assert len(s['runs']) == 1
     assert json.loads((tmp_path / 'k' / 'summary.json').read_text())['epochs'] == 2
+
+
+def test_the_setup_check_leaves_the_random_draws_alone(fake_fashion, tmp_path):
+    # same seed, same run: building the network once to check the options draws nothing
+    from misc.utils import set_seed
+    args = parse_args(['-d', 'fashion', '--data_dir', str(fake_fashion), '--match', 'feat',
+                       '--ipc', '1', *SMALL], mode='condense')
+    set_seed(0)
+    train.check_setup(args, match=True)
+    after = (torch.rand(4), np.random.rand(), random.random())
+    set_seed(0)
+    before = (torch.rand(4), np.random.rand(), random.random())
+    assert torch.equal(after[0], before[0]) and after[1:] == before[1:]
 
 
 @pytest.mark.parametrize('extra, message', [
