@@ -156,19 +156,25 @@ class Interrupt(Exception):
     pass
 
 
+def die_in_epoch(monkeypatch, n):
+    """Make the n-th training epoch from now raise Interrupt; returns the real train_epoch."""
+    real_epoch, calls = train.train_epoch, []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise Interrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train, 'train_epoch', dies)
+    return real_epoch
+
+
 def test_resume_finishes_an_interrupted_run_identically(fake_fashion, tmp_path, monkeypatch):
     opts = ('--epochs', '3', '--repeat', '2', '--save_ckpt', 'true')
     ref = train.main(fashion_args(fake_fashion, tmp_path / 'ref', *opts))
 
-    real_epoch, calls = train.train_epoch, []
-
-    def dies_in_fifth_epoch(*a, **k):  # repeat 2, epoch 2
-        calls.append(1)
-        if len(calls) == 5:
-            raise Interrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(train, 'train_epoch', dies_in_fifth_epoch)
+    real_epoch = die_in_epoch(monkeypatch, 5)  # repeat 2, epoch 2
     with pytest.raises(Interrupt):
         train.main(fashion_args(fake_fashion, tmp_path / 'cut', *opts))
     ckpt = torch.load(tmp_path / 'cut' / 'checkpoint.pth.tar', weights_only=True)
@@ -275,15 +281,7 @@ def test_refused_input_leaves_the_folder_as_it_was(fake_fashion, tmp_path):
 
 def test_every_run_can_resume_and_is_not_overwritten(fake_fashion, tmp_path, monkeypatch):
     # no --save_ckpt: the resume state is written anyway, after every epoch
-    real_epoch, calls = train.train_epoch, []
-
-    def dies_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Interrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(train, 'train_epoch', dies_in_second_epoch)
+    real_epoch = die_in_epoch(monkeypatch, 2)
     with pytest.raises(Interrupt):
         train.main(fashion_args(fake_fashion, tmp_path / 'k', '--epochs', '2'))
     monkeypatch.setattr(train, 'train_epoch', real_epoch)
