@@ -110,7 +110,8 @@ def get_parser():
     a('--time', action='store_true', help='print time spent per step')
     a('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
     a('--save_dir', default='', help='output folder (default: derived from the options)')
-    a('--resume', action='store_true', help='continue the run from its checkpoint')
+    a('--resume', action='store_true',
+      help='condense.py, train.py: continue the run from its checkpoint')
     a('--amp', action='store_true',
       help='autocast (bf16 on CPU, fp16 on CUDA); off by default. For evaluation (test.py); '
            'condense.py warns: its gradient matching loses precision in bf16')
@@ -306,6 +307,9 @@ def validate(args, mode, error):
     reads_file = args.slct_type == 'idc' and args.data_path
     if mode == 'test' and args.ipc < 1 and not reads_file:
         error(f'--ipc must be at least 1 to select or evaluate condensed data (got {args.ipc})')
+    if mode == 'test' and args.resume:
+        error('test.py has no --resume: an evaluation starts over (condense.py and train.py '
+              'resume)')
     if args.factor < 1:
         error(f'--factor must be at least 1 (got {args.factor}); 1 is IDC-I')
     if args.depth < 1:

@@ -155,3 +155,10 @@ def test_import_reads_no_argv_and_parse_is_pure(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith('./results/fashion/')
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_test_py_refuses_resume_rather_than_ignoring_it(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(['-d', 'fashion', '--ipc', '1', '--resume'], mode='test')
+    assert e.value.code == 2 and 'test.py has no --resume' in capsys.readouterr().err
+    assert parse_args(['-d', 'fashion', '--ipc', '1', '--resume']).resume  # condense.py resumes
