@@ -27,8 +27,8 @@ from misc.augment import build_match_aug, build_net_aug
 from misc.device import (autocast, call_compiled, compiled, setup_backends, slow_amp_warning,
                          want_compile)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, get_rank,
-                        get_world_size, is_main_process, remove_stale_tmp, run_main, safe_load,
-                        save_img, set_seed, to_device)
+                        get_world_size, is_main_process, refuse_overwrite, remove_stale_tmp,
+                        run_main, safe_load, save_img, set_seed, to_device)
 from test import RESNET10_BN, default_evaluator, evaluate_data
 from train import (build_model, check_setup, load_weights, make_train_step, rng_state,
                    set_rng_state, train_epoch, train_step_kind)
@@ -738,13 +738,12 @@ def read_checkpoint(args):
     ckpt_path = os.path.join(args.save_dir, CKPT_NAME)
     ckpt, error = None, None
     scratch = args.test and 'save_dir' not in args.explicit
-    if is_main_process() and not args.resume and not scratch and os.path.isfile(ckpt_path):
-        error = (f'{args.save_dir} already holds a run ({CKPT_NAME}); starting afresh would '
-                 f'overwrite it. Add --resume to continue it, or give another --save_dir (or '
-                 f'delete the folder) to start a new one')
-    if is_main_process() and args.resume and os.path.isfile(ckpt_path):
+    if is_main_process():
         try:
-            ckpt = load_checkpoint(ckpt_path, args)
+            if args.resume and os.path.isfile(ckpt_path):
+                ckpt = load_checkpoint(ckpt_path, args)
+            elif not args.resume and not scratch:
+                refuse_overwrite(args.save_dir, CKPT_NAME)
         except UserError as e:
             error = str(e)
     # Also the ranks' meeting point after loading the data (with the long timeout).
@@ -777,8 +776,8 @@ def main(args):
         check_init_images(args, train_set)
 
     logger = Logger(args.save_dir, enabled=is_main_process())
-    if is_main_process() and (gone := remove_stale_tmp(args.save_dir)):
-        logger(f'removed {len(gone)} unfinished temporary file(s) of a killed run: {gone[0]} ...')
+    if is_main_process():
+        remove_stale_tmp(args.save_dir, logger)
     world = get_world_size()
     logger(f'Save dir: {args.save_dir} (device {device}' +
            (f', {world} processes, {distributed.backend()})' if world > 1 else ')'))

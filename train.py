@@ -29,8 +29,8 @@ from misc.augment import Compose, DiffAug
 from misc.device import (autocast, call_compiled, compiled, error_summary, resolve_device,
                          setup_backends, slow_amp_warning, want_compile, want_graphs)
 from misc.utils import (Logger, UserError, atomic_save, atomic_write_json, cutmix,
-                        remove_stale_tmp, run_main, safe_load, set_seed, to_device,
-                        topk_correct)
+                        refuse_overwrite, remove_stale_tmp, run_main, safe_load, set_seed,
+                        to_device, topk_correct)
 from models import get_model
 
 NET_NAMES = {'convnet': 'ConvNet', 'resnet': 'ResNet', 'resnet_ap': 'ResNetAP',
@@ -677,11 +677,9 @@ def main(args):
     setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
     check_setup(args)
     args.save_dir = output_dir(args)
-    if not args.resume and os.path.isfile(os.path.join(args.save_dir, 'checkpoint.pth.tar')):
-        raise UserError(f'{args.save_dir} already holds a run (checkpoint.pth.tar); starting '
-                        f'afresh would overwrite it. Add --resume to continue it (a finished '
-                        f'run then reports its summary again), or give another --save_dir (or '
-                        f'delete the folder) to start a new one')
+    if not args.resume:
+        refuse_overwrite(args.save_dir, 'checkpoint.pth.tar',
+                         resumed=' (a finished run then reports its summary again)')
     # Nothing goes to disk before the data and the checkpoint to resume have been checked.
     logger = Logger(args.save_dir, defer=True)
     set_seed(args.seed)
@@ -713,8 +711,7 @@ def main(args):
             logger(f"resumed from {args.save_dir}/checkpoint.pth.tar: repeat "
                    f"{resume['repeat'] + 1}, epoch {resume['epoch']}")
     logger.open()
-    if (gone := remove_stale_tmp(args.save_dir)):
-        logger(f'removed {len(gone)} unfinished temporary file(s) of a killed run: {gone[0]} ...')
+    remove_stale_tmp(args.save_dir, logger)
     atomic_write_json(os.path.join(args.save_dir, 'args.json'), jsonable_args(args))
     saver = Checkpointer(args, loader, finished)
     start = time.time()

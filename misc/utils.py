@@ -132,11 +132,20 @@ def cutmix(input, target, beta, generator=None):
 # resumed run) never sees a half-written file.
 
 
+def _tmp_path(folder, name):
+    """A fresh temporary name in `folder` for a file to become `name`; it records the writing
+    process, so that remove_stale_tmp can tell a dead writer's leftover from a live write."""
+    return os.path.join(folder, f'.{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
+
+
+_TMP_NAME = re.compile(r'^\..+\.(\d+)\.[0-9a-f]{32}\.tmp$')  # what _tmp_path makes
+
+
 def _atomic_write(path, write, mode='wb'):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp')
+    tmp = _tmp_path(folder, os.path.basename(path))
     try:
         with open(tmp, mode.replace('w', 'x')) as f:
             write(f)
@@ -149,9 +158,6 @@ def _atomic_write(path, write, mode='wb'):
         raise
 
 
-_TMP_NAME = re.compile(r'^\..+\.(\d+)\.[0-9a-f]{32}\.tmp$')
-
-
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -162,10 +168,10 @@ def _alive(pid):
     return True
 
 
-def remove_stale_tmp(folder):
+def remove_stale_tmp(folder, log=None):
     """Delete the temporary files of _atomic_write in `folder` whose writing process is gone (a
     run killed while writing, e.g. with SIGKILL, leaves one; a checkpoint's can be large).
-    Returns their names."""
+    Says so through `log` (a Logger) when it removed any; returns their names."""
     removed = []
     try:
         names = os.listdir(folder)
@@ -179,7 +185,19 @@ def remove_stale_tmp(folder):
                 removed.append(name)
             except OSError:
                 pass
+    if removed and log is not None:
+        log(f'removed {len(removed)} unfinished temporary file(s) of a killed run: '
+            f'{removed[0]} ...')
     return removed
+
+
+def refuse_overwrite(folder, ckpt_name, resumed=''):
+    """UserError when `folder` holds a run's checkpoint `ckpt_name`: a run started afresh there
+    would overwrite that work. `resumed`: what --resume then does, if worth saying."""
+    if os.path.isfile(os.path.join(folder, ckpt_name)):
+        raise UserError(f'{folder} already holds a run ({ckpt_name}); starting afresh would '
+                        f'overwrite it. Add --resume to continue it{resumed}, or give another '
+                        f'--save_dir (or delete the folder) to start a new one')
 
 
 def atomic_save(obj, path):
@@ -316,7 +334,7 @@ def ensure_writable_dir(path):
     """Create the folder `path` (and its parents) and check a file can be created in it;
     raises OSError otherwise (e.g. a file in the way, a read-only mount)."""
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f'.write_test.{os.getpid()}.{uuid.uuid4().hex}')
+    probe = _tmp_path(path, 'write_test')  # a kill right here leaves what remove_stale_tmp clears
     with open(probe, 'w'):
         pass
     os.remove(probe)
@@ -324,8 +342,8 @@ def ensure_writable_dir(path):
 
 def run_main(main, args, interrupted=''):
     """Run a script's main(args): a UserError becomes one `error: ...` line on stderr and exit
-    code 2 (prefixed with the rank under torchrun); Ctrl-C one `interrupted` line (followed by
-    `interrupted`, e.g. how to resume) and exit code 130."""
+    code 2 (prefixed with the rank under torchrun); Ctrl-C one line, `interrupted` followed by
+    the text `interrupted` (e.g. how to resume), and exit code 130."""
     try:
         return main(args)
     except KeyboardInterrupt:
