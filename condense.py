@@ -605,50 +605,52 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
     if len(classes) < world:
         logger(f'note: {world - len(classes)} rank(s) have no class to match (more ranks than '
                f'classes); they share the network updates only')
-    bar = tqdm(total=n_iter * args.inner_loop, initial=start * args.inner_loop, unit='step',
-               disable=not is_main_process(), dynamic_ncols=True, file=sys.stderr)
-    for it in range(start, n_iter):
-        if it % max(1, args.fix_iter) == 0 or model is None:
-            model, optim_net = new_network(args, device, sampler, aug_net)
-            matcher, net_loss = network_compute(model, args, use_compile, logger)
-        with torch.no_grad():
-            synset.data.clamp_(0, 1)
-        loss_total, t0 = 0.0, time.time()
-        for inner in range(args.inner_loop):
-            if args.match_impl == 'loop':
-                loss_total += match_step_loop(args, synset, sampler, model, optim_img,
-                                              aug_match, gens, ctx)
-            else:
-                loss_total += match_step(args, synset, sampler, model, optim_img, aug_match,
-                                         gens, ctx, matcher)
-            if args.n_data > 0:
-                net_step(args, sampler, model, optim_net, aug_net, ctx, net_loss)
-            bar.update(1)
-            # the mean matching loss per class and inner step so far, as the log line says it
-            bar.set_postfix(it=it, loss=f'{loss_total / len(classes) / (inner + 1):.1f}')
-        loss = loss_total / len(classes) / args.inner_loop
-        step_s = (time.time() - t0) / args.inner_loop
-        if it % it_log == 0:
-            logger(f'(Iter {it:3d}) loss: {loss:.4f}  ({step_s:.2f} s/inner step)')
-            logger.json({'event': 'loss', 'iter': it, 'loss': loss, 'step_s': step_s})
-        if it + 1 in it_save and is_main_process():
-            save_img(os.path.join(args.save_dir, f'img{it + 1}.png'), synset.data)
-            atomic_save([synset.data.detach().cpu(), synset.targets.cpu()],
-                        os.path.join(args.save_dir, 'data.pt'))
-            logger(f'Saved data.pt and img{it + 1}.png at iteration {it + 1}')
-            if val_loader is not None:
-                evaluate(args, synset, val_loader, device, logger, it=it + 1, bench=True)
-        keep_net = args.fix_iter > 1 and (it + 1) % args.fix_iter != 0
-        streams, gen_states, rngs = gather_streams(sampler, gens, mine, synset, model, logger)
-        if is_main_process():
-            atomic_save({'data': synset.data.detach().cpu(), 'optim_img': optim_img.state_dict(),
-                         'sampler': streams, 'rng': rngs[0], 'rng_ranks': rngs, 'it': it + 1,
-                         'gens': gen_states, 'config': config_of(args),
-                         'model': model.state_dict() if keep_net else None,
-                         'optim_net': optim_net.state_dict() if keep_net else None}, ckpt_path)
-        # The other ranks wait for rank 0's evaluation and files with the long timeout.
-        distributed.barrier('the wait for rank 0 to evaluate and write the checkpoint')
-    bar.close()
+    # the bar is closed before an interrupt's message, which stays the last line
+    with tqdm(total=n_iter * args.inner_loop, initial=start * args.inner_loop, unit='step',
+              disable=not is_main_process(), dynamic_ncols=True, file=sys.stderr) as bar:
+        for it in range(start, n_iter):
+            if it % max(1, args.fix_iter) == 0 or model is None:
+                model, optim_net = new_network(args, device, sampler, aug_net)
+                matcher, net_loss = network_compute(model, args, use_compile, logger)
+            with torch.no_grad():
+                synset.data.clamp_(0, 1)
+            loss_total, t0 = 0.0, time.time()
+            for inner in range(args.inner_loop):
+                if args.match_impl == 'loop':
+                    loss_total += match_step_loop(args, synset, sampler, model, optim_img,
+                                                  aug_match, gens, ctx)
+                else:
+                    loss_total += match_step(args, synset, sampler, model, optim_img, aug_match,
+                                             gens, ctx, matcher)
+                if args.n_data > 0:
+                    net_step(args, sampler, model, optim_net, aug_net, ctx, net_loss)
+                bar.update(1)
+                # the mean matching loss per class and inner step so far, as the log line says it
+                bar.set_postfix(it=it, loss=f'{loss_total / len(classes) / (inner + 1):.1f}')
+            loss = loss_total / len(classes) / args.inner_loop
+            step_s = (time.time() - t0) / args.inner_loop
+            if it % it_log == 0:
+                logger(f'(Iter {it:3d}) loss: {loss:.4f}  ({step_s:.2f} s/inner step)')
+                logger.json({'event': 'loss', 'iter': it, 'loss': loss, 'step_s': step_s})
+            if it + 1 in it_save and is_main_process():
+                save_img(os.path.join(args.save_dir, f'img{it + 1}.png'), synset.data)
+                atomic_save([synset.data.detach().cpu(), synset.targets.cpu()],
+                            os.path.join(args.save_dir, 'data.pt'))
+                logger(f'Saved data.pt and img{it + 1}.png at iteration {it + 1}')
+                if val_loader is not None:
+                    evaluate(args, synset, val_loader, device, logger, it=it + 1, bench=True)
+            keep_net = args.fix_iter > 1 and (it + 1) % args.fix_iter != 0
+            streams, gen_states, rngs = gather_streams(sampler, gens, mine, synset, model, logger)
+            if is_main_process():
+                atomic_save({'data': synset.data.detach().cpu(),
+                             'optim_img': optim_img.state_dict(), 'sampler': streams,
+                             'rng': rngs[0], 'rng_ranks': rngs, 'it': it + 1,
+                             'gens': gen_states, 'config': config_of(args),
+                             'model': model.state_dict() if keep_net else None,
+                             'optim_net': optim_net.state_dict() if keep_net else None},
+                            ckpt_path)
+            # The other ranks wait for rank 0's evaluation and files with the long timeout.
+            distributed.barrier('the wait for rank 0 to evaluate and write the checkpoint')
     return synset
 
 

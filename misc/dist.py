@@ -20,8 +20,6 @@ checkpoint (written atomically by rank 0) stays valid for --resume.
 import contextlib
 import datetime
 import os
-import signal
-import sys
 
 import torch
 import torch.distributed as dist
@@ -83,7 +81,6 @@ def init_distributed(device_pref='auto'):
     except RuntimeError as e:
         raise UserError(f"rank {os.environ['RANK']}: could not join the process group at "
                         f'{where} ({backend}): {_first_line(e)}') from e
-    _stop_cleanly_on_sigterm()
     return device
 
 
@@ -102,25 +99,6 @@ def cleanup():
 
 def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def _stop_cleanly_on_sigterm():
-    """torchrun stops the other ranks with SIGTERM when one fails: say so, and exit (atomic
-    writes leave no partial file behind)."""
-    if sys.platform == 'win32' or not hasattr(signal, 'SIGTERM'):
-        return
-    rank = get_rank()
-
-    def handler(signum, frame):
-        print(f'rank {rank}: stopped by SIGTERM (torchrun stops every rank when one fails; its '
-              f'summary names that rank). The last checkpoint is intact: rerun the same command '
-              f'with --resume', file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
-
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        pass
 
 
 @contextlib.contextmanager

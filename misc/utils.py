@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import uuid
 import warnings
@@ -340,18 +341,59 @@ def ensure_writable_dir(path):
     os.remove(probe)
 
 
+class Stopped(BaseException):
+    """Raised in the main process by SIGTERM (the default signal of kill, of torchrun stopping
+    the other ranks when one fails, and of batch schedulers) while run_main runs."""
+
+
+def _sigterm_raises():
+    """Make SIGTERM raise Stopped in this process, so that run_main says what was stopped and
+    how to continue, and exits 143; returns a function restoring the previous handler. A
+    forked child (a DataLoader worker) inherits the handler: there it takes the default action,
+    ending quietly as before."""
+    if not hasattr(signal, 'SIGTERM'):
+        return lambda: None
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def run_main(main, args, interrupted=''):
     """Run a script's main(args): a UserError becomes one `error: ...` line on stderr and exit
     code 2 (prefixed with the rank under torchrun); Ctrl-C one line, `interrupted` followed by
-    the text `interrupted` (e.g. how to resume), and exit code 130."""
+    the text `interrupted` (e.g. how to resume), and exit code 130; SIGTERM the same with
+    `stopped by SIGTERM` and exit code 143. Files are written atomically, so a stop leaves the
+    last complete ones in place."""
+    restore = _sigterm_raises()
     try:
         return main(args)
     except KeyboardInterrupt:
         print(f'\ninterrupted{interrupted}', file=sys.stderr, flush=True)
         sys.exit(130)
+    except Stopped:
+        if get_world_size() > 1:
+            why = (f'rank {get_rank()}: stopped by SIGTERM (torchrun stops every rank when one '
+                   f'fails; its summary names that rank)')
+        else:
+            why = 'stopped by SIGTERM'
+        print(f'\n{why}{interrupted}', file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
     except UserError as e:
         msg = str(e)
         if get_world_size() > 1 and not msg.startswith('rank '):
             msg = f'rank {get_rank()}: {msg}'
         print(f'error: {msg}', file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        restore()

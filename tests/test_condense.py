@@ -209,28 +209,38 @@ def test_condensing_with_amp_warns_in_the_log(fake_fashion, tmp_path, monkeypatc
     assert 'Warning: --amp on this CPU: it has no bf16 instructions' in log
 
 
-def test_sigkill_then_resume_matches_uninterrupted(fake_fashion, tmp_path):
-    ref, cut = tmp_path / 'ref', tmp_path / 'cut'
+def test_sigkill_or_sigterm_then_resume_matches_uninterrupted(fake_fashion, tmp_path):
+    """A run killed (SIGKILL: no chance to react) or stopped (SIGTERM: kill's default, batch
+    schedulers, torchrun) mid-run resumes to the data of an uninterrupted one; SIGTERM also
+    exits 143 saying how to continue."""
+    ref = tmp_path / 'ref'
     r = run(cli(fake_fashion, ref, '--test'))
     assert r.returncode == 0, r.stderr
-    p = subprocess.Popen([sys.executable, str(ROOT / 'condense.py'),
-                          *cli(fake_fashion, cut, '--test')], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = cut / 'checkpoint.pt'
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.is_file() and safe_load(ckpt)['it'] >= 3:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert safe_load(ckpt)['it'] < 10, 'the run finished before it could be killed'
-    r = run(cli(fake_fashion, cut, '--test', '--resume'))
-    assert r.returncode == 0, r.stderr
-    assert 'Resumed from' in r.stdout
-    a, b = safe_load(ref / 'data.pt'), safe_load(cut / 'data.pt')
-    assert torch.equal(a[1], b[1])
-    assert torch.allclose(a[0], b[0], atol=1e-6)
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        cut = tmp_path / sig.name
+        p = subprocess.Popen([sys.executable, str(ROOT / 'condense.py'),
+                              *cli(fake_fashion, cut, '--test')], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ckpt = cut / 'checkpoint.pt'
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if ckpt.is_file() and safe_load(ckpt)['it'] >= 3:
+                break
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        assert safe_load(ckpt)['it'] < 10, 'the run finished before it could be killed'
+        if sig == signal.SIGTERM:
+            assert p.returncode == 143, err[-2000:]
+            assert err.strip().splitlines()[-1] == (
+                'stopped by SIGTERM: checkpoint.pt holds the last finished outer iteration; '
+                'run the same command with --resume to continue')
+        r = run(cli(fake_fashion, cut, '--test', '--resume'))
+        assert r.returncode == 0, r.stderr
+        assert 'Resumed from' in r.stdout
+        a, b = safe_load(ref / 'data.pt'), safe_load(cut / 'data.pt')
+        assert torch.equal(a[1], b[1])
+        assert torch.allclose(a[0], b[0], atol=1e-6)
 
 
 def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):

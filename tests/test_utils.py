@@ -2,6 +2,9 @@ import json
 import os
 import pickle
 import random
+import signal
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -208,3 +211,53 @@ def test_save_img(tmp_path):
         # 2 rows x 10 columns of 32 px tiles with torchvision's 2 px padding
         assert im.size == (10 * 34 + 2, 2 * 34 + 2)
     assert os.listdir(tmp_path) == ['img.png']
+
+
+# ---------------------------------------------------------------- SIGTERM
+def _terminated(_args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the handler raises before this ends
+    return 'not stopped'
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGTERM') or sys.platform == 'win32',
+                    reason='POSIX signals')
+def test_sigterm_exits_143_with_the_hint_and_restores_the_handler(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(_terminated, None, interrupted=': rerun with --resume')
+    assert time.time() - t0 < 10
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip() == 'stopped by SIGTERM: rerun with --resume'
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGTERM') or sys.platform == 'win32',
+                    reason='POSIX signals')
+def test_sigterm_names_the_rank_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setattr(utils, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(utils, 'get_rank', lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(_terminated, None)
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip().startswith('rank 1: stopped by SIGTERM (torchrun')
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
+def test_a_forked_child_still_dies_of_sigterm_quietly(capfd):
+    """DataLoader workers are forked with the handler: they must end as before, not run the
+    script's exit path."""
+    def main(_args):
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            finally:
+                os._exit(0)
+        return os.waitpid(pid, 0)[1]
+
+    status = utils.run_main(main, None)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert 'SIGTERM' not in capfd.readouterr().err
