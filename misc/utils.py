@@ -348,25 +348,34 @@ class Stopped(BaseException):
 
 def _sigterm_raises():
     """Make SIGTERM raise Stopped in this process, so that run_main says what was stopped and
-    how to continue, and exits 143; returns a function restoring the previous handler. A
-    forked child (a DataLoader worker) inherits the handler: there it takes the default action,
-    ending quietly as before."""
+    how to continue, and exits 143; returns a function restoring the previous handlers. A
+    forked child inherits the handler: there it takes the default action, as before (DataLoader
+    workers install their own)."""
     if not hasattr(signal, 'SIGTERM'):
         return lambda: None
-    owner = os.getpid()
+    owner, child_handler = os.getpid(), []
 
     def handler(signum, frame):
         if os.getpid() != owner:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if hasattr(signal, 'SIGCHLD'):
+            # A scheduler signals the DataLoader workers too, and they die at once; their deaths
+            # would raise DataLoader's "worker killed" error while the loaders are shut down.
+            child_handler.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         raise Stopped()
+
+    def restore():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if child_handler and child_handler[0] is not None:
+            signal.signal(signal.SIGCHLD, child_handler[0])
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return restore
 
 
 def run_main(main, args, interrupted=''):

@@ -3,6 +3,7 @@ import os
 import pickle
 import random
 import signal
+import subprocess
 import sys
 import time
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from misc import utils
 from misc.utils import (Logger, UserError, accuracy, atomic_save, atomic_write_json,
                         atomic_write_text, cutmix, rand_bbox, safe_load, save_img, set_seed)
@@ -222,15 +224,23 @@ def _terminated(_args):
 
 @pytest.mark.skipif(not hasattr(signal, 'SIGTERM') or sys.platform == 'win32',
                     reason='POSIX signals')
-def test_sigterm_exits_143_with_the_hint_and_restores_the_handler(capsys):
+def test_sigterm_exits_143_with_the_hint_and_restores_the_handlers(capsys):
+    def on_child(signum, frame):  # as DataLoader installs one
+        pass
+
     before = signal.getsignal(signal.SIGTERM)
-    t0 = time.time()
-    with pytest.raises(SystemExit) as e:
-        utils.run_main(_terminated, None, interrupted=': rerun with --resume')
-    assert time.time() - t0 < 10
-    assert e.value.code == 143
-    assert capsys.readouterr().err.strip() == 'stopped by SIGTERM: rerun with --resume'
-    assert signal.getsignal(signal.SIGTERM) == before
+    before_child = signal.signal(signal.SIGCHLD, on_child)
+    try:
+        t0 = time.time()
+        with pytest.raises(SystemExit) as e:
+            utils.run_main(_terminated, None, interrupted=': rerun with --resume')
+        assert time.time() - t0 < 10
+        assert e.value.code == 143
+        assert capsys.readouterr().err.strip() == 'stopped by SIGTERM: rerun with --resume'
+        assert signal.getsignal(signal.SIGTERM) == before
+        assert signal.getsignal(signal.SIGCHLD) is on_child
+    finally:
+        signal.signal(signal.SIGCHLD, before_child)
 
 
 @pytest.mark.skipif(not hasattr(signal, 'SIGTERM') or sys.platform == 'win32',
@@ -246,8 +256,8 @@ def test_sigterm_names_the_rank_under_torchrun(monkeypatch, capsys):
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
 def test_a_forked_child_still_dies_of_sigterm_quietly(capfd):
-    """DataLoader workers are forked with the handler: they must end as before, not run the
-    script's exit path."""
+    """A forked child inherits the handler: it must end as before, not run the script's exit
+    path."""
     def main(_args):
         pid = os.fork()
         if pid == 0:  # the child
@@ -261,3 +271,40 @@ def test_a_forked_child_still_dies_of_sigterm_quietly(capfd):
     status = utils.run_main(main, None)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert 'SIGTERM' not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, 'killpg'), reason='POSIX process groups')
+def test_sigterm_to_the_job_stops_dataloader_workers_without_traceback(tmp_path):
+    """A scheduler's SIGTERM reaches the main process and its DataLoader workers together: one
+    line, exit 143, no traceback."""
+    script = tmp_path / 'job.py'
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import torch
+from torch.utils.data import DataLoader, Dataset
+from misc.utils import run_main
+
+class Slow(Dataset):
+    def __len__(self):
+        return 10 ** 6
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.zeros(3)
+
+def main(_):
+    for i, _x in enumerate(DataLoader(Slow(), batch_size=4, num_workers=2)):
+        if i == 5:
+            print('running', flush=True)
+        time.sleep(0.02)
+
+run_main(main, None, interrupted=': resume')
+""")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert p.stdout.readline().strip() == 'running'
+    os.killpg(p.pid, signal.SIGTERM)  # every process of the job, as schedulers do
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert err.strip() == 'stopped by SIGTERM: resume'
