@@ -216,14 +216,17 @@ def test_save_img(tmp_path):
 
 
 # ---------------------------------------------------------------- SIGTERM
+posix_signals = pytest.mark.skipif(not hasattr(signal, 'SIGTERM') or sys.platform == 'win32',
+                                   reason='POSIX signals')
+
+
 def _terminated(_args):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)  # the handler raises before this ends
     return 'not stopped'
 
 
-@pytest.mark.skipif(not hasattr(signal, 'SIGTERM') or sys.platform == 'win32',
-                    reason='POSIX signals')
+@posix_signals
 def test_sigterm_exits_143_with_the_hint_and_restores_the_handlers(capsys):
     def on_child(signum, frame):  # as DataLoader installs one
         pass
@@ -243,8 +246,7 @@ def test_sigterm_exits_143_with_the_hint_and_restores_the_handlers(capsys):
         signal.signal(signal.SIGCHLD, before_child)
 
 
-@pytest.mark.skipif(not hasattr(signal, 'SIGTERM') or sys.platform == 'win32',
-                    reason='POSIX signals')
+@posix_signals
 def test_sigterm_names_the_rank_under_torchrun(monkeypatch, capsys):
     monkeypatch.setattr(utils, 'get_world_size', lambda: 2)
     monkeypatch.setattr(utils, 'get_rank', lambda: 1)
