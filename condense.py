@@ -492,13 +492,25 @@ def config_of(args):
 
 
 def load_checkpoint(path, args):
+    """The checkpoint at `path`, checked against this run's options. --niter alone may differ
+    (a finished or stopped run can be extended, or ended sooner): nothing in an outer
+    iteration depends on the total, so the data equal those of a run started with the new
+    --niter; only its files' schedule (data.pt, img*.png, evaluations) follows the new total."""
     ckpt = safe_load_ckpt(path)
     theirs, ours = ckpt.get('config', {}), config_of(args)
-    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    # (the folder tag names --niter too; the options it is made of are compared one by one)
+    diff = sorted(k for k in set(theirs) | set(ours)
+                  if theirs.get(k) != ours.get(k) and k not in ('niter', 'tag'))
     if diff:
         shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {ours.get(k)!r}' for k in diff[:5])
         raise UserError(f'{path} belongs to a different configuration ({shown}); resume with '
                         f'the same options, or choose another --save_dir')
+    done, total = ckpt['it'], args.niter * 100 // args.inner_loop
+    if done > total:
+        least = -(-done * args.inner_loop // 100)
+        raise UserError(f'{path} has done {done} outer iterations (--niter {theirs.get("niter")})'
+                        f', more than the {total} of --niter {args.niter}: resume with --niter '
+                        f'{least} or more')
     return ckpt
 
 
@@ -564,9 +576,15 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
             optim_net.load_state_dict(ckpt['optim_net'])
             matcher, net_loss = network_compute(model, args, use_compile, logger)
         logger(f'Resumed from {ckpt_path} at outer iteration {start}/{n_iter}')
+        if (before := ckpt.get('config', {}).get('niter', args.niter)) != args.niter:
+            logger(f'  --niter {before} -> {args.niter}: the run continues to {n_iter} outer '
+                   f'iterations')
     else:
         if args.resume:
             logger(f'--resume: no checkpoint in {args.save_dir} yet, starting afresh')
+            if 'niter' in args.explicit and 'save_dir' not in args.explicit and not args.test:
+                logger('  (the default folder\'s name includes --niter: to extend a run with '
+                       'another --niter, give that run\'s --save_dir)')
         synset.init(sampler, args.init)
         distributed.broadcast_([synset.data], 'sharing the initial data')  # noise init
         if is_main_process():

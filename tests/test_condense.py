@@ -243,6 +243,34 @@ def test_sigkill_or_sigterm_then_resume_matches_uninterrupted(fake_fashion, tmp_
         assert torch.allclose(a[0], b[0], atol=1e-6)
 
 
+def test_resume_with_a_larger_niter_extends_the_run(fake_fashion, tmp_path, capsys):
+    """A finished run resumed with a larger --niter continues to the data of a run started
+    with that --niter; a --niter below what the checkpoint has done is refused (exit 2)."""
+    def argv(out, niter, *extra):
+        # two classes only: at least 100 inner steps per --niter, kept cheap
+        a = cli(fake_fashion, out, '--test', '--nclass_sub', '2', '--phase', '0', *extra)
+        a[a.index('--inner_loop') + 1] = '50'  # 2 outer iterations per 100 inner steps
+        a[a.index('--niter') + 1] = str(niter)
+        return a
+    condense.main(parse_args(argv(tmp_path / 'ref', 2), mode='condense'))
+    ext = tmp_path / 'ext'
+    condense.main(parse_args(argv(ext, 1), mode='condense'))
+    assert safe_load(ext / 'checkpoint.pt')['it'] == 2
+    capsys.readouterr()
+    condense.main(parse_args(argv(ext, 2, '--resume'), mode='condense'))
+    out = capsys.readouterr().out
+    assert 'at outer iteration 2/4' in out and '--niter 1 -> 2' in out
+    a, b = safe_load(tmp_path / 'ref' / 'data.pt'), safe_load(ext / 'data.pt')
+    assert safe_load(ext / 'checkpoint.pt')['it'] == 4
+    assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], atol=1e-6)
+    before = (ext / 'args.json').read_text()
+    r = run(argv(ext, 1, '--resume'))
+    assert r.returncode == 2
+    assert 'has done 4 outer iterations (--niter 2), more than the 2 of --niter 1' in r.stderr
+    assert 'resume with --niter 2 or more' in r.stderr
+    assert (ext / 'args.json').read_text() == before
+
+
 def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):
     out = tmp_path / 'fresh'
     argv = cli(fake_fashion, out, '--test', '--resume')
@@ -250,6 +278,21 @@ def test_resume_without_checkpoint_starts_afresh(fake_fashion, tmp_path):
     r = run(argv)
     assert r.returncode == 0, r.stderr
     assert 'starting afresh' in r.stdout
+    assert 'to extend a run' not in r.stdout  # said only when --niter is given, below
+
+
+def test_resume_into_a_default_folder_of_another_niter_says_why_it_starts_afresh(
+        fake_fashion, tmp_path, capsys):
+    argv = cli(fake_fashion, tmp_path, '--resume', '--nclass_sub', '2', '--phase', '0',
+               '--epochs', '1')
+    argv[argv.index('--inner_loop') + 1] = '100'
+    del argv[argv.index('--save_dir'):argv.index('--save_dir') + 2]
+    args = parse_args(argv, mode='condense')
+    assert 'save_dir' not in args.explicit and '_niter1_' in args.save_dir
+    args.save_dir = str(tmp_path / 'default')  # the default folder, kept out of ./results
+    condense.main(args)
+    out = capsys.readouterr().out
+    assert 'starting afresh' in out and 'give that run\'s --save_dir' in out
 
 
 @pytest.mark.parametrize('extra, message', [
