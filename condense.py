@@ -366,11 +366,16 @@ class GradMatcher:
         return list(zip(loss.unbind(), grad.unbind()))
 
 
+def outer_iterations(args):
+    """The number of outer iterations: --niter counts hundreds of inner steps."""
+    return args.niter * 100 // args.inner_loop
+
+
 def compiles(args, device):
     """(matching, network updates): whether this run compiles the matching (--compile, by the
     number of inner steps), and how it computes the network updates' training steps
     (train_step_kind: 'graphs', 'compile' or None). The literal loop does neither."""
-    steps = args.niter * 100 // args.inner_loop * args.inner_loop
+    steps = outer_iterations(args) * args.inner_loop
     if args.match_impl != 'fast':
         return False, None
     return (want_compile(args.compile, device, steps),
@@ -505,7 +510,7 @@ def load_checkpoint(path, args):
         shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {ours.get(k)!r}' for k in diff[:5])
         raise UserError(f'{path} belongs to a different configuration ({shown}); resume with '
                         f'the same options, or choose another --save_dir')
-    done, total = ckpt['it'], args.niter * 100 // args.inner_loop
+    done, total = ckpt['it'], outer_iterations(args)
     if done > total:
         least = -(-done * args.inner_loop // 100)
         raise UserError(f'{path} has done {done} outer iterations (--niter {theirs.get("niter")})'
@@ -553,7 +558,7 @@ def condense(args, logger, device, train_set, val_set, ckpt=None):
     gens = {c: stream_generator(args.seed, 10_000 + c) for c in classes}
     mine = distributed.my_share(classes)  # the classes this rank matches (all in one process)
     optim_img = torch.optim.SGD([synset.data], lr=args.lr_img, momentum=args.mom_img)
-    n_iter = args.niter * 100 // args.inner_loop
+    n_iter = outer_iterations(args)
     it_log = max(1, n_iter // 50)
     it_save = {n_iter // 10, n_iter // 5, n_iter // 2, n_iter}
     val_loader = eval_loader(val_set, args.dataset, device, workers=args.workers) \
@@ -779,7 +784,7 @@ def main(args):
     setup_backends(device, args.tf32, cuda_graphs=args.cuda_graphs)
     set_seed(args.seed)  # the same seed on every rank (rank 0's network is shared anyway)
     # Check what can be checked before anything is written.
-    if args.niter * 100 // args.inner_loop < 1:
+    if outer_iterations(args) < 1:
         raise UserError(f'--niter {args.niter} with --inner_loop {args.inner_loop} gives no '
                         f'outer iteration (niter*100 // inner_loop must be at least 1)')
     if args.match_impl == 'loop' and get_world_size() > 1:
