@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: condense real FashionMNIST on the CPU (1 image per class, factor 2, 100 inner
 # steps), then evaluate the random selection, the IDC initialization and the condensed data with
-# the paper's protocol (ConvNet-3, DSA, CutMix) and print a table. About 6 minutes on 2 cores.
+# the paper's protocol (ConvNet-3, DSA, CutMix) and print a table. 6 to 16 minutes on 2 cores.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DATA=${FASHION_DIR:-/usr/share/datasets/fashion-mnist}
